@@ -1,0 +1,409 @@
+"""Forward SDEs of score-based generative modelling (Song et al., ICLR 2021).
+
+Every SDE here is linear with a Gaussian perturbation kernel (eq. 29 of the paper's appendix):
+
+    x_t = alpha(t) * x_0 + sigma(t) * eps,        eps ~ N(0, I),
+
+driven by ``dx = f(t) x dt + g(t) dW``. VP, sub-VP and VE differ only in ``alpha``, ``sigma``, ``f`` and
+``g``; everything downstream (samplers, likelihood, losses) is written once against this interface.
+
+The SDE objects are frozen dataclasses registered as *static* pytrees: they have no array leaves, their
+hyper-parameters are hashable, and they can be passed straight into ``jax.jit``-compiled functions (a new
+hyper-parameter value means a new compilation, as it should). Time ``t`` is an array of shape ``(batch,)``
+(or a scalar) and ``x`` any shape ``(batch, ...)``; per-example quantities broadcast against ``x``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE", "batch_broadcast"]
+
+
+def batch_broadcast(a: Array, x: Array) -> Array:
+    """Reshapes a per-example array ``a`` of shape ``(batch,)`` (or a scalar) to broadcast against ``x``."""
+    a = jnp.asarray(a)
+    return jnp.reshape(a, a.shape + (1,) * (jnp.ndim(x) - a.ndim))
+
+
+def _sum_except_batch(x: Array) -> Array:
+    return jnp.sum(jnp.reshape(x, (x.shape[0], -1)), axis=-1)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+
+class SDE(abc.ABC):
+    """A linear SDE ``dx = f(t) x dt + g(t) dW`` on ``[0, T]`` with a Gaussian perturbation kernel.
+
+    Subclasses define ``alpha``, ``sigma``, ``sde``, ``prior_sampling``, ``prior_logp``, ``log_snr`` and
+    ``t_from_log_snr``. Everything else derives from them.
+    """
+
+    N: int
+    T: float = 1.0
+
+    # -- the perturbation kernel p_{0t}(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I) --------------------------
+    @abc.abstractmethod
+    def alpha(self, t: Array) -> Array:
+        """Mean coefficient ``alpha(t)`` of the perturbation kernel."""
+
+    @abc.abstractmethod
+    def sigma(self, t: Array) -> Array:
+        """Standard deviation ``sigma(t)`` of the perturbation kernel."""
+
+    @abc.abstractmethod
+    def log_snr(self, t: Array) -> Array:
+        """Log signal-to-noise ratio ``lambda(t) = log(alpha(t)^2 / sigma(t)^2)``, decreasing in ``t``."""
+
+    @abc.abstractmethod
+    def t_from_log_snr(self, log_snr: Array) -> Array:
+        """Inverse of :meth:`log_snr`."""
+
+    @abc.abstractmethod
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """Drift ``f(x, t)`` (shape of ``x``) and diffusion ``g(t)`` (shape of ``t``) of the forward SDE."""
+
+    @abc.abstractmethod
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        """Samples the prior ``p_T`` that the reverse process starts from."""
+
+    @abc.abstractmethod
+    def prior_logp(self, z: Array) -> Array:
+        """Log-density of the prior, per example: shape ``(batch,)``."""
+
+    def marginal_prob(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """Mean ``alpha(t) x_0`` and std ``sigma(t)`` of the perturbation kernel ``p_{0t}(x_t | x_0)``."""
+        return batch_broadcast(self.alpha(t), x) * x, self.sigma(t)
+
+    @property
+    def prior_std(self) -> float:
+        """Standard deviation of the (isotropic Gaussian) prior."""
+        return 1.0
+
+    # -- transitions between two times, used by the samplers ---------------------------------------------
+    def transition(self, t: Array, s: Array) -> tuple[Array, Array]:
+        """Forward transition ``p(x_t | x_s) = N(a x_s, v I)`` for ``s < t``; returns ``(a, v)``.
+
+        For any linear SDE the increments are independent, so ``sigma(t)^2 = a^2 sigma(s)^2 + v``.
+        """
+        a = self.alpha(t) / self.alpha(s)
+        v = jnp.maximum(self.sigma(t) ** 2 - a**2 * self.sigma(s) ** 2, 0.0)
+        return a, v
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """One step of the forward process on the ``N``-point grid: ``x_{i+1} = x_i + f + G z``.
+
+        The default is Euler--Maruyama with ``dt = T / N``; VP and VE override it with the DDPM and SMLD
+        discretisations (eqs. 9 and 7 of the paper).
+        """
+        dt = self.T / self.N
+        drift, diffusion = self.sde(x, t)
+        return drift * dt, diffusion * jnp.sqrt(dt)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+        """The reverse-time SDE (eq. 6) or, with ``probability_flow=True``, the probability-flow ODE (eq. 13)."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+    def _timestep(self, t: Array) -> Array:
+        # As in the reference code: the grid index is the floor of t (N - 1) / T.
+        return jnp.clip(jnp.floor(t * (self.N - 1) / self.T).astype(jnp.int32), 0, self.N - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseSDE:
+    """Reverse-time SDE ``dx = [f - g^2 score] dt + g dW_bar`` or its probability-flow ODE."""
+
+    forward: SDE
+    score_fn: ScoreFn
+    probability_flow: bool = False
+
+    @property
+    def N(self) -> int:
+        return self.forward.N
+
+    @property
+    def T(self) -> float:
+        return self.forward.T
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        drift, diffusion = self.forward.sde(x, t)
+        g2 = batch_broadcast(diffusion**2, x)
+        scale = 0.5 if self.probability_flow else 1.0
+        drift = drift - g2 * self.score_fn(x, t) * scale
+        diffusion = jnp.zeros_like(diffusion) if self.probability_flow else diffusion
+        return drift, diffusion
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        f, G = self.forward.discretize(x, t)
+        scale = 0.5 if self.probability_flow else 1.0
+        rev_f = f - batch_broadcast(G**2, x) * self.score_fn(x, t) * scale
+        rev_G = jnp.zeros_like(G) if self.probability_flow else G
+        return rev_f, rev_G
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variance preserving (DDPM) and sub-VP
+# ----------------------------------------------------------------------------------------------------------
+class _LinearBeta(SDE):
+    """Shared maths of VP and sub-VP: ``beta(t) = beta_min + t (beta_max - beta_min)``."""
+
+    beta_min: float
+    beta_max: float
+
+    def __post_init__(self):
+        _check_positive("beta_min", self.beta_min)
+        _check_positive("beta_max", self.beta_max)
+        if self.beta_min > self.beta_max:
+            raise ValueError(
+                f"beta_min must not exceed beta_max, got beta_min={self.beta_min}, "
+                f"beta_max={self.beta_max}"
+            )
+        if not isinstance(self.N, int) or self.N < 1:
+            raise ValueError(f"N must be a positive integer, got {self.N!r}")
+        _check_positive("T", self.T)
+
+    def beta(self, t: Array) -> Array:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, t: Array) -> Array:
+        """``B(t) = int_0^t beta(s) ds``, so that ``alpha(t) = exp(-B(t) / 2)``."""
+        return 0.5 * t**2 * (self.beta_max - self.beta_min) + t * self.beta_min
+
+    def _t_from_integrated_beta(self, c: Array) -> Array:
+        # Solves 0.5 (b1 - b0) t^2 + b0 t = c for t >= 0 in the cancellation-free form.
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        return 2.0 * c / (b0 + jnp.sqrt(b0**2 + 2.0 * db * c))
+
+    def alpha(self, t: Array) -> Array:
+        return jnp.exp(-0.5 * self.integrated_beta(t))
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        beta_t = self.beta(t)
+        return -0.5 * batch_broadcast(beta_t, x) * x, jnp.sqrt(beta_t * self._diffusion_factor(t))
+
+    def _diffusion_factor(self, t: Array) -> Array:
+        return jnp.ones_like(t)
+
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return jax.random.normal(key, shape)
+
+    def prior_logp(self, z: Array) -> Array:
+        d = math.prod(z.shape[1:])
+        return -0.5 * d * jnp.log(2 * jnp.pi) - 0.5 * _sum_except_batch(z**2)
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSDE(_LinearBeta):
+    """Variance-preserving SDE, the continuous limit of DDPM (eq. 11).
+
+    ``dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW``; ``alpha(t)^2 + sigma(t)^2 = 1``.
+
+    Args:
+      beta_min: ``beta(0)``.
+      beta_max: ``beta(1)``.
+      N: number of discretisation steps (DDPM's ``T``).
+
+    >>> sde = VPSDE()
+    >>> mean, std = sde.marginal_prob(jnp.ones((2, 3)), jnp.array([0.5, 1.0]))
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    N: int = 1000
+    T: float = 1.0
+
+    def sigma(self, t: Array) -> Array:
+        return jnp.sqrt(-jnp.expm1(-self.integrated_beta(t)))
+
+    def log_snr(self, t: Array) -> Array:
+        # log(alpha^2 / (1 - alpha^2)) = -log(expm1(B(t)))
+        return -jnp.log(jnp.expm1(self.integrated_beta(t)))
+
+    def t_from_log_snr(self, log_snr: Array) -> Array:
+        # alpha^2 = sigmoid(lambda)  =>  B(t) = softplus(-lambda)
+        return self._t_from_integrated_beta(jax.nn.softplus(-log_snr))
+
+    @property
+    def discrete_betas(self) -> Array:
+        return jnp.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """DDPM discretisation: ``x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z``."""
+        beta = self.discrete_betas[self._timestep(t)]
+        f = batch_broadcast(jnp.sqrt(1.0 - beta), x) * x - x
+        return f, jnp.sqrt(beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(_LinearBeta):
+    """Sub-VP SDE (eq. 17): ``g(t)^2 = beta(t) (1 - exp(-2 B(t)))``, so ``sigma(t) = 1 - alpha(t)^2``.
+
+    Its marginal variance is bounded by the VP SDE's at every ``t``; it gives better likelihoods.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    N: int = 1000
+    T: float = 1.0
+
+    def _diffusion_factor(self, t: Array) -> Array:
+        return -jnp.expm1(-2.0 * self.integrated_beta(t))
+
+    def sigma(self, t: Array) -> Array:
+        return -jnp.expm1(-self.integrated_beta(t))
+
+    def log_snr(self, t: Array) -> Array:
+        b = self.integrated_beta(t)
+        return -b - 2.0 * jnp.log(-jnp.expm1(-b))
+
+    def t_from_log_snr(self, log_snr: Array) -> Array:
+        # alpha / (1 - alpha^2) = r = exp(lambda / 2)  =>  -log(alpha) = asinh(1 / (2 r)).
+        return self._t_from_integrated_beta(2.0 * jnp.arcsinh(0.5 * jnp.exp(-0.5 * log_snr)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineVPSDE(SDE):
+    """VP SDE with the cosine schedule of Nichol & Dhariwal (2021).
+
+    ``alpha(t) = cos(pi/2 (t + s) / (1 + s)) / cos(pi/2 s / (1 + s))``, truncated at ``T = t_max`` where
+    ``beta(t) = -2 d log alpha / dt`` would blow up.
+    """
+
+    s: float = 0.008
+    N: int = 1000
+    T: float = 0.9946  # alpha(T)^2 ~ 1e-5: the prior N(0, I) is then exact to that order.
+
+    def __post_init__(self):
+        _check_positive("s", self.s)
+        if not 0.0 < self.T < 1.0:
+            raise ValueError(f"CosineVPSDE needs 0 < T < 1 (beta blows up at t = 1), got T={self.T}")
+
+    def _phase(self, t: Array) -> Array:
+        return 0.5 * jnp.pi * (t + self.s) / (1.0 + self.s)
+
+    def _log_alpha(self, t: Array) -> Array:
+        return jnp.log(jnp.cos(self._phase(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+
+    def alpha(self, t: Array) -> Array:
+        return jnp.exp(self._log_alpha(t))
+
+    def sigma(self, t: Array) -> Array:
+        return jnp.sqrt(-jnp.expm1(2.0 * self._log_alpha(t)))
+
+    def beta(self, t: Array) -> Array:
+        return jnp.pi / (1.0 + self.s) * jnp.tan(self._phase(t))
+
+    def log_snr(self, t: Array) -> Array:
+        return -jnp.log(jnp.expm1(-2.0 * self._log_alpha(t)))
+
+    def t_from_log_snr(self, log_snr: Array) -> Array:
+        log_alpha = -0.5 * jax.nn.softplus(-log_snr)
+        c0 = math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+        phase = jnp.arccos(jnp.exp(log_alpha + c0))
+        return phase * 2.0 * (1.0 + self.s) / jnp.pi - self.s
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        beta_t = self.beta(t)
+        return -0.5 * batch_broadcast(beta_t, x) * x, jnp.sqrt(beta_t)
+
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return jax.random.normal(key, shape)
+
+    def prior_logp(self, z: Array) -> Array:
+        d = math.prod(z.shape[1:])
+        return -0.5 * d * jnp.log(2 * jnp.pi) - 0.5 * _sum_except_batch(z**2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variance exploding (NCSN / SMLD)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VESDE(SDE):
+    """Variance-exploding SDE, the continuous limit of NCSN/SMLD (eq. 30).
+
+    ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``, ``dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dW``
+    and ``alpha(t) = 1``. The marginal ``p_t`` is the data convolved with ``N(0, sigma(t)^2 I)``: exactly the
+    law of the SDE started from the data smoothed at ``sigma_min``, as in the paper.
+
+    Args:
+      sigma_min: smallest noise level.
+      sigma_max: largest noise level; the prior is ``N(0, sigma_max^2 I)``.
+      N: number of noise levels of the SMLD discretisation.
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    N: int = 1000
+    T: float = 1.0
+
+    def __post_init__(self):
+        _check_positive("sigma_min", self.sigma_min)
+        _check_positive("sigma_max", self.sigma_max)
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(
+                f"sigma_min must be below sigma_max, got sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}"
+            )
+        if not isinstance(self.N, int) or self.N < 1:
+            raise ValueError(f"N must be a positive integer, got {self.N!r}")
+        _check_positive("T", self.T)
+
+    @property
+    def _log_ratio(self) -> float:
+        return math.log(self.sigma_max / self.sigma_min)
+
+    def alpha(self, t: Array) -> Array:
+        return jnp.ones_like(jnp.asarray(t, dtype=jnp.result_type(float)))
+
+    def sigma(self, t: Array) -> Array:
+        return self.sigma_min * jnp.exp(t / self.T * self._log_ratio)
+
+    def log_snr(self, t: Array) -> Array:
+        return -2.0 * (math.log(self.sigma_min) + t / self.T * self._log_ratio)
+
+    def t_from_log_snr(self, log_snr: Array) -> Array:
+        return (-0.5 * log_snr - math.log(self.sigma_min)) / self._log_ratio * self.T
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        diffusion = self.sigma(t) * math.sqrt(2.0 * self._log_ratio / self.T)
+        return jnp.zeros_like(x), diffusion
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return jax.random.normal(key, shape) * self.sigma_max
+
+    def prior_logp(self, z: Array) -> Array:
+        d = math.prod(z.shape[1:])
+        return -0.5 * d * jnp.log(2 * jnp.pi * self.sigma_max**2) - 0.5 * _sum_except_batch(
+            z**2
+        ) / self.sigma_max**2
+
+    @property
+    def discrete_sigmas(self) -> Array:
+        return jnp.exp(jnp.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """SMLD discretisation: ``x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z``."""
+        i = self._timestep(t)
+        sigmas = self.discrete_sigmas
+        adjacent = jnp.where(i == 0, 0.0, sigmas[jnp.maximum(i - 1, 0)])
+        return jnp.zeros_like(x), jnp.sqrt(sigmas[i] ** 2 - adjacent**2)
+
+
+for _cls in (VPSDE, SubVPSDE, VESDE, CosineVPSDE):
+    jax.tree_util.register_static(_cls)
