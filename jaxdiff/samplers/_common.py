@@ -1,0 +1,107 @@
+"""Conventions shared by every sampler.
+
+* A sampler is ``sample(key, score_fn, sde, shape, *, steps, ...) -> (x, info)``; ``info["nfe"]`` counts score
+  evaluations; ``info["nonfinite"]`` counts examples whose output is not finite.
+* Randomness is per example: example ``i`` draws everything from ``fold_in(key, i)``, and step ``n`` of it
+  from ``fold_in(fold_in(key, i), n)``. The same key therefore gives the same samples whatever the batch
+  size and however the batch is split over devices.
+* ``score_fn`` crosses the ``jax.jit`` boundary as a :class:`jax.tree_util.Partial`: arrays bound in it
+  (network parameters, mixture weights) are traced arguments, not baked-in constants.
+* Schedule and solver arithmetic run in float32 whatever dtype the network computes in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from jaxdiff.sde import SDE
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+# Stream tags for fold_in, so that prior draws and step draws never share a key.
+PRIOR_STREAM = 0
+STEP_STREAM = 1
+
+
+def as_partial(fn: Callable) -> Partial:
+    """Wraps a callable as a pytree so it can be a (non-static) argument of a jitted function."""
+    if isinstance(fn, Partial):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"score_fn must be callable, got {type(fn).__name__}")
+    return Partial(fn)
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Validates a sample shape ``(batch, ...)``."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError as err:
+        raise ValueError(f"shape must be a tuple of ints (batch, ...), got {shape!r}") from err
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (batch, *event_shape) with positive sizes, got {shape}")
+    return shape
+
+
+def check_sde(sde) -> None:
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be a jaxdiff.sde.SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde)}")
+
+
+def example_keys(key: Array, batch: int) -> Array:
+    """One key per example: ``fold_in(key, i)`` for ``i < batch``."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+
+
+def per_example_normal(keys: Array, tag, event_shape: tuple[int, ...]) -> Array:
+    """A standard normal of shape ``(batch, *event_shape)``, example ``i`` drawn from ``fold_in(keys[i], tag)``."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, tag), event_shape))(keys)
+
+
+def prior_sample(keys: Array, sde: SDE, event_shape: tuple[int, ...]) -> Array:
+    """Per-example draw from the SDE's prior."""
+    return jax.vmap(
+        lambda k: sde.prior_sampling(jax.random.fold_in(k, PRIOR_STREAM), (1, *event_shape))[0]
+    )(keys)
+
+
+def step_keys(keys: Array, step) -> Array:
+    """Per-example keys of time step ``step`` (an int or traced int)."""
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, STEP_STREAM), step))(keys)
+
+
+def time_grid(sde: SDE, steps: int, eps: float) -> Array:
+    """``steps + 1`` times from ``T`` down to ``eps`` (uniform in ``t``)."""
+    return jnp.linspace(sde.T, eps, steps + 1, dtype=jnp.float32)
+
+
+def evaluate_score(score_fn: ScoreFn, x: Array, t: Array) -> Array:
+    """Calls the score at a per-example time and returns it in float32."""
+    tb = jnp.full((x.shape[0],), t, jnp.float32) if jnp.ndim(t) == 0 else t
+    return score_fn(x, tb).astype(jnp.float32)
+
+
+def finish(x: Array, nfe, **extra) -> tuple[Array, dict]:
+    """Packs a sampler's output with its ``info`` dict."""
+    flat = jnp.reshape(x, (x.shape[0], -1))
+    nonfinite = jnp.sum(~jnp.all(jnp.isfinite(flat), axis=-1))
+    info = {"nfe": jnp.asarray(nfe, jnp.int32), "nonfinite": nonfinite, **extra}
+    return x, info
+
+
+def check_steps(steps, name: str = "steps") -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{name} must be a positive integer, got {steps!r}")
+    return steps
+
+
+def check_eps(eps, sde: SDE) -> float:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps < sde.T):
+        raise ValueError(f"eps must satisfy 0 <= eps < T={sde.T}, got {eps!r}")
+    return float(eps)
