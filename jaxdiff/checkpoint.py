@@ -1,8 +1,9 @@
 """Checkpoints of the train state with orbax: save every N steps, keep the last K, resume.
 
-:class:`Checkpointer` wraps an ``orbax.checkpoint.CheckpointManager`` for one pytree (the train state:
-``step``, ``params``, ``ema_params``, ``opt_state``, ``key``; any pytree works) plus a JSON dict of
-metadata (the config, the data iterator's ``state``) saved alongside in the same step directory.
+:class:`Checkpointer` wraps an ``orbax.checkpoint.CheckpointManager`` for one pytree (the train
+state: ``step``, ``params``, ``ema_params``, ``opt_state``, ``key``; any pytree works) plus a JSON
+dict of metadata (the config, the data iterator's ``state``) saved alongside in the same step
+directory.
 
 * Writes are atomic: orbax writes into a temporary directory and renames it when complete, so an
   interrupted save never shadows the previous checkpoint.
@@ -10,11 +11,12 @@ metadata (the config, the data iterator's ``state``) saved alongside in the same
   target's key implementation on restore, so keys round-trip bit for bit.
 * Restores are resharded onto the target: a checkpoint written from 8 devices restores onto 1 and
   vice versa, as each leaf takes the sharding of the corresponding target leaf.
-* Restoring into a target whose shapes or structure differ raises a :class:`CheckpointMismatchError`
-  naming every mismatching leaf; there is no silent partial restore.
-* :meth:`Checkpointer.restore_latest` skips an unreadable (truncated, corrupt) newest checkpoint with
-  a one-line warning and falls back to the newest good one. Nothing here deletes a checkpoint except
-  the keep-last-K policy.
+* Restoring into a target whose shapes or structure differ raises a
+  :class:`CheckpointMismatchError` naming every mismatching leaf; there is no silent partial
+  restore.
+* :meth:`Checkpointer.restore_latest` skips an unreadable (truncated, corrupt) newest checkpoint
+  with a one-line warning and falls back to the newest good one. Nothing here deletes a checkpoint
+  except the keep-last-K policy.
 
 >>> ckpt = Checkpointer(workdir + "/checkpoints", save_every=1000, keep=3)
 >>> state = ckpt.restore_latest(state)          # unchanged if there is no checkpoint yet
@@ -49,7 +51,7 @@ class CheckpointMismatchError(ValueError):
     """The target's structure or leaf shapes differ from those in the checkpoint."""
 
 
-# -- typed PRNG keys and abstract targets ---------------------------------------------------------------
+# -- typed PRNG keys and abstract targets --------------------------------------------------------
 
 
 def _is_key(x: Any) -> bool:
@@ -142,7 +144,7 @@ def _jsonable(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-# -- the checkpointer -------------------------------------------------------------------------------------
+# -- the checkpointer ----------------------------------------------------------------------------
 
 
 class Checkpointer:
@@ -180,7 +182,7 @@ class Checkpointer:
             item_names=(_STATE, _META),
         )
 
-    # -- saving ------------------------------------------------------------------------------------
+    # -- saving -----------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is a multiple of ``save_every``."""
         return int(step) % self.save_every == 0
@@ -211,7 +213,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    # -- inspecting --------------------------------------------------------------------------------
+    # -- inspecting -------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, oldest first."""
         return sorted(self._manager.all_steps())
@@ -240,7 +242,7 @@ class Checkpointer:
         tree = self._manager.item_metadata(step)[_STATE]
         return getattr(tree, "tree", tree)
 
-    # -- restoring ---------------------------------------------------------------------------------
+    # -- restoring --------------------------------------------------------------------------------
     def restore(self, target: PyTree, step: int | None = None) -> PyTree:
         """Restores checkpoint ``step`` (the newest by default) into the structure of ``target``.
 
@@ -346,7 +348,7 @@ class Checkpointer:
         return restored
 
     def restore_ema(self, step: int | None = None, target: PyTree | None = None) -> PyTree:
-        """The EMA parameters alone, for sampling: ``restore_params(step, target, name="ema_params")``."""
+        """The EMA parameters alone, for sampling (see :meth:`restore_params`)."""
         return self.restore_params(step, target, name="ema_params")
 
     def __repr__(self) -> str:
