@@ -179,7 +179,10 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
-            item_names=(_STATE, _META),
+            item_handlers={
+                _STATE: ocp.PyTreeCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
         )
 
     # -- saving -----------------------------------------------------------------------------------
@@ -240,7 +243,10 @@ class Checkpointer:
 
     def _saved_tree(self, step: int) -> PyTree:
         tree = self._manager.item_metadata(step)[_STATE]
-        return getattr(tree, "tree", tree)
+        tree = getattr(tree, "tree", tree)
+        if tree is None:
+            raise OSError(f"checkpoint {step} in {self.directory} has no readable tree metadata")
+        return tree
 
     # -- restoring --------------------------------------------------------------------------------
     def restore(self, target: PyTree, step: int | None = None) -> PyTree:
