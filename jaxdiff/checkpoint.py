@@ -127,6 +127,11 @@ def _check_compatible(saved: PyTree, target: PyTree, what: str) -> None:
         raise CheckpointMismatchError(f"{what} does not match the target: {shown}")
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _jsonable(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     def convert(v):
         if hasattr(v, "to_dict"):  # ml_collections.ConfigDict
@@ -299,7 +304,7 @@ class Checkpointer:
                     step,
                     self.directory,
                     type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
+                    _first_line(e),
                     f"step {older[-1]}" if older else "the initial state",
                 )
         return target
