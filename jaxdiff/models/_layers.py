@@ -1,0 +1,257 @@
+"""Building blocks of NCSN++ and DDPM++ (Song et al., ICLR 2021, Appendix H.1).
+
+The paper improves the DDPM U-Net (Ho et al., 2020) with: FIR resampling (StyleGAN2), residual
+sums rescaled by ``1/sqrt(2)`` (``skip_rescale``), BigGAN-style residual blocks that resample
+inside the block, and progressive growing of the input and output (``Combine`` and pyramids, in
+the U-Net module). All convolutions use DDPM's ``fan_avg`` uniform initialisation; the last layer
+of every residual branch is initialised at ``init_scale`` (zero in the paper's configs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models._fir import FIRConv, downsample_2d, upsample_2d
+from jaxdiff.models._init import default_init
+
+Array = jax.Array
+
+__all__ = [
+    "conv3x3",
+    "residual_sum",
+    "conv1x1",
+    "group_norm",
+    "Upsample",
+    "Downsample",
+    "Combine",
+    "AttnBlock",
+    "ResnetBlockDDPM",
+    "ResnetBlockBigGAN",
+]
+
+
+def conv3x3(
+    features: int, init_scale: float = 1.0, stride: int = 1, name: str | None = None
+) -> nn.Conv:
+    """3x3 convolution with DDPM initialisation and zero bias."""
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def conv1x1(features: int, init_scale: float = 1.0) -> nn.Conv:
+    """1x1 convolution with DDPM initialisation and zero bias."""
+    return nn.Conv(
+        features, (1, 1), kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros
+    )
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """Group normalisation with ``min(channels // 4, 32)`` groups, as in the reference code.
+
+    When that number does not divide ``channels`` (the reference code would fail there), the largest
+    smaller divisor is used instead.
+    """
+    groups = max(min(channels // 4, 32), 1)
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+
+
+def residual_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
+    """``x + h``, divided by ``sqrt(2)`` to keep the variance when ``skip_rescale``."""
+    return (x + h) / math.sqrt(2.0) if skip_rescale else x + h
+
+
+def _nearest_up(x: Array) -> Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _mean_down(x: Array) -> Array:
+    n, h, w, c = x.shape
+    return jnp.mean(jnp.reshape(x, (n, h // 2, 2, w // 2, 2, c)), axis=(2, 4))
+
+
+class Upsample(nn.Module):
+    """Doubles the spatial size: nearest or FIR, optionally with a (fused) 3x3 convolution.
+
+    Without a convolution the channel count is kept and ``out_ch`` must be ``None``.
+    """
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out_ch = self.out_ch or x.shape[-1]
+        if self.with_conv and self.fir:
+            return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel)(x)
+        h = upsample_2d(x, self.fir_kernel) if self.fir else _nearest_up(x)
+        return conv3x3(out_ch)(h) if self.with_conv else h
+
+
+class Downsample(nn.Module):
+    """Halves the spatial size: average pooling or FIR, or a strided (fused) 3x3 convolution."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out_ch = self.out_ch or x.shape[-1]
+        if self.with_conv:
+            if self.fir:
+                return FIRConv(out_ch, down=True, fir_kernel=self.fir_kernel)(x)
+            # DDPM pads (0, 1) before its stride-2 convolution, which is what SAME does here.
+            return conv3x3(out_ch, stride=2)(x)
+        return downsample_2d(x, self.fir_kernel) if self.fir else _mean_down(x)
+
+
+class Combine(nn.Module):
+    """Merges an input-pyramid level into the feature map (progressive input ``input_skip``).
+
+    The pyramid level is projected to the feature channels by a 1x1 convolution, then summed with or
+    concatenated to the features.
+    """
+
+    method: str = "cat"
+
+    @nn.compact
+    def __call__(self, pyramid: Array, h: Array) -> Array:
+        p = conv1x1(h.shape[-1])(pyramid)
+        return jnp.concatenate([p, h], axis=-1) if self.method == "cat" else p + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection (DDPM).
+
+    Attributes:
+        skip_rescale: divide the residual sum by ``sqrt(2)``.
+        init_scale: initial scale of the output projection.
+    """
+
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, hh, ww, c = x.shape
+        h = group_norm(c)(x)
+        # 1x1 "network-in-network" projections (dense layers on the channel axis).
+        q = nn.Dense(c, kernel_init=default_init(0.1), name="query")(h)
+        k = nn.Dense(c, kernel_init=default_init(0.1), name="key")(h)
+        v = nn.Dense(c, kernel_init=default_init(0.1), name="value")(h)
+        q = jnp.reshape(q, (b, hh * ww, c))
+        k = jnp.reshape(k, (b, hh * ww, c))
+        v = jnp.reshape(v, (b, hh * ww, c))
+        w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c), axis=-1)
+        h = jnp.reshape(jnp.einsum("bqk,bkc->bqc", w, v), (b, hh, ww, c))
+        h = nn.Dense(c, kernel_init=default_init(self.init_scale), name="out")(h)
+        return residual_sum(x, h, self.skip_rescale)
+
+
+def _add_time_bias(h: Array, temb: Array | None, act) -> Array:
+    """Adds a per-channel bias computed from the (time and label) embedding."""
+    if temb is None:
+        return h
+    bias = nn.Dense(h.shape[-1], kernel_init=default_init(), name="temb_proj")(act(temb))
+    return h + bias[:, None, None, :]
+
+
+class ResnetBlockDDPM(nn.Module):
+    """The DDPM residual block: GN-act-conv, time bias, GN-act-dropout-conv, plus shortcut.
+
+    Attributes:
+        out_ch: output channels (default: input channels).
+        dropout: dropout rate before the second convolution (only with ``train=True``).
+        skip_rescale: divide the residual sum by ``sqrt(2)``.
+        init_scale: initial scale of the second convolution.
+        act: activation.
+    """
+
+    out_ch: int | None = None
+    dropout: float = 0.1
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+    act: Callable[[Array], Array] = nn.silu
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+        c = x.shape[-1]
+        out_ch = self.out_ch or c
+        h = self.act(group_norm(c)(x))
+        h = conv3x3(out_ch)(h)
+        h = _add_time_bias(h, temb, self.act)
+        h = self.act(group_norm(out_ch)(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv3x3(out_ch, init_scale=self.init_scale)(h)
+        if c != out_ch:
+            x = nn.Dense(out_ch, kernel_init=default_init(0.1), name="shortcut")(x)
+        return residual_sum(x, h, self.skip_rescale)
+
+
+class ResnetBlockBigGAN(nn.Module):
+    """BigGAN-style residual block that can resample both branches (Brock et al., 2019).
+
+    Up/down-sampling happens after the first activation, by FIR or nearest/average resampling; the
+    shortcut then gets a 1x1 convolution.
+
+    Attributes:
+        out_ch: output channels (default: input channels).
+        up: double the spatial size.
+        down: halve the spatial size.
+        dropout: dropout rate before the second convolution (only with ``train=True``).
+        fir: FIR resampling instead of nearest/average.
+        fir_kernel: the FIR filter.
+        skip_rescale: divide the residual sum by ``sqrt(2)``.
+        init_scale: initial scale of the second convolution.
+        act: activation.
+    """
+
+    out_ch: int | None = None
+    up: bool = False
+    down: bool = False
+    dropout: float = 0.1
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    init_scale: float = 0.0
+    act: Callable[[Array], Array] = nn.silu
+
+    def _resample(self, x: Array) -> Array:
+        if self.up:
+            return upsample_2d(x, self.fir_kernel) if self.fir else _nearest_up(x)
+        if self.down:
+            return downsample_2d(x, self.fir_kernel) if self.fir else _mean_down(x)
+        return x
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+        c = x.shape[-1]
+        out_ch = self.out_ch or c
+        h = self.act(group_norm(c)(x))
+        h = self._resample(h)
+        x = self._resample(x)
+        h = conv3x3(out_ch)(h)
+        h = _add_time_bias(h, temb, self.act)
+        h = self.act(group_norm(out_ch)(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv3x3(out_ch, init_scale=self.init_scale)(h)
+        if c != out_ch or self.up or self.down:
+            x = conv1x1(out_ch)(x)
+        return residual_sum(x, h, self.skip_rescale)
