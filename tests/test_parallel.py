@@ -1,5 +1,7 @@
 """Tests of the data-parallel plumbing on eight virtual CPU devices."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +56,61 @@ def test_bad_batch_size_raises(mesh):
 def test_initialize_distributed_single_process_is_noop():
     parallel.initialize_distributed(num_processes=1)
     assert jax.process_count() == 1
+
+
+_WORKER = """
+import os, sys
+import os
+
+import jax
+from jaxdiff import data, parallel
+parallel.initialize_distributed(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
+mesh = parallel.make_mesh()
+it = data.get_dataset("digits", batch_size=8, seed=0, random_flip=True)
+batch = parallel.shard_batch(mesh, next(it))
+total = jax.jit(lambda b: jnp.sum(b["x"] * jnp.arange(8.0)[:, None, None, None]))(batch)
+print("RESULT", jax.process_count(), jax.device_count(), it.local_batch_size, float(total))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_match_one(tmp_path):
+    """Two CPU processes (gloo) with two devices each see the single-process global batch."""
+    import socket
+    import subprocess
+    import sys
+
+    from jaxdiff import data
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"localhost:{port}", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    lines = [line for out in outs for line in out.splitlines()]
+    results = [line.split()[1:] for line in lines if line.startswith("RESULT")]
+    assert len(results) == 2, outs
+    x = data.get_dataset(
+        "digits", batch_size=8, seed=0, random_flip=True, process_index=0, process_count=1
+    ).batch(0)["x"]
+    expected = float(np.sum(x * np.arange(8.0)[:, None, None, None]))
+    for n_proc, n_dev, local, total in results:
+        assert (int(n_proc), int(n_dev), int(local)) == (2, 4, 4)
+        np.testing.assert_allclose(float(total), expected, rtol=1e-5, atol=1e-4)
