@@ -67,6 +67,13 @@ def test_digits_split_is_fixed_and_covers_the_data():
     )
 
 
+def test_digits_resized():
+    it = _digits(image_size=16, centered=False)
+    batch = next(it)
+    assert batch["x"].shape == (32, 16, 16, 1) and it.info.shape == (16, 16, 1)
+    assert batch["x"].min() >= 0.0 and batch["x"].max() <= 1.0
+
+
 def test_uncentered_range_and_exact_levels():
     batch = next(_digits(centered=False))
     assert batch["x"].min() >= 0.0 and batch["x"].max() <= 1.0
