@@ -136,7 +136,9 @@ class GaussianMixture:
         n = x.shape[0]
         x = jnp.reshape(x, (n, -1)).astype(jnp.float32)
         if x.shape[-1] != self.dim:
-            raise ValueError(f"data has {x.shape[-1]} dimensions per example, the mixture has {self.dim}")
+            raise ValueError(
+                f"data has {x.shape[-1]} dimensions per example, the mixture has {self.dim}"
+            )
         if sde is None:
             a = jnp.ones((n,))
             s = jnp.zeros((n,))
@@ -154,9 +156,9 @@ class GaussianMixture:
             )
             logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
             log_n = -0.5 * (jnp.sum(white**2, -1) + logdet + self.dim * math.log(2 * math.pi))
-            prec_resid = jax.vmap(lambda L, w: jax.scipy.linalg.solve_triangular(L.T, w, lower=False))(
-                chol, white
-            )
+            prec_resid = jax.vmap(
+                lambda L, w: jax.scipy.linalg.solve_triangular(L.T, w, lower=False)
+            )(chol, white)
             return log_n + jnp.log(self.weights), prec_resid
 
         return jax.vmap(one)(x, a, s)

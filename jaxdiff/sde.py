@@ -288,13 +288,17 @@ class CosineVPSDE(SDE):
     def __post_init__(self):
         _check_positive("s", self.s)
         if not 0.0 < self.T < 1.0:
-            raise ValueError(f"CosineVPSDE needs 0 < T < 1 (beta blows up at t = 1), got T={self.T}")
+            raise ValueError(
+                f"CosineVPSDE needs 0 < T < 1 (beta blows up at t = 1), got T={self.T}"
+            )
 
     def _phase(self, t: Array) -> Array:
         return 0.5 * jnp.pi * (t + self.s) / (1.0 + self.s)
 
     def _log_alpha(self, t: Array) -> Array:
-        return jnp.log(jnp.cos(self._phase(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+        return jnp.log(jnp.cos(self._phase(t))) - math.log(
+            math.cos(0.5 * math.pi * self.s / (1 + self.s))
+        )
 
     def alpha(self, t: Array) -> Array:
         return jnp.exp(self._log_alpha(t))
@@ -389,9 +393,10 @@ class VESDE(SDE):
 
     def prior_logp(self, z: Array) -> Array:
         d = math.prod(z.shape[1:])
-        return -0.5 * d * jnp.log(2 * jnp.pi * self.sigma_max**2) - 0.5 * _sum_except_batch(
-            z**2
-        ) / self.sigma_max**2
+        return (
+            -0.5 * d * jnp.log(2 * jnp.pi * self.sigma_max**2)
+            - 0.5 * _sum_except_batch(z**2) / self.sigma_max**2
+        )
 
     @property
     def discrete_sigmas(self) -> Array:

@@ -51,7 +51,9 @@ def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 def check_sde(sde) -> None:
     if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be a jaxdiff.sde.SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde)}")
+        raise TypeError(
+            f"sde must be a jaxdiff.sde.SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde)}"
+        )
 
 
 def example_keys(key: Array, batch: int) -> Array:
