@@ -32,6 +32,9 @@ _METHODS: dict[str, str] = {
     "annealed_langevin": "jaxdiff.samplers.pc:annealed_langevin_sample",
     "pc": "jaxdiff.samplers.pc:pc_sample",
     "ode": "jaxdiff.samplers.ode:ode_sample",
+    "ddim": "jaxdiff.samplers.ddim:ddim_sample",
+    "dpm_solver++": "jaxdiff.samplers.dpm_solver:dpm_solver_pp_sample",
+    "heun": "jaxdiff.samplers.edm:heun_sample",
 }
 
 
