@@ -97,10 +97,7 @@ def _rms_norm(tree: PyTree) -> jax.Array:
 def _scaled(tree: PyTree, y0: PyTree, y1: PyTree, rtol, atol) -> PyTree:
     """``tree / (atol + rtol * max(|y0|, |y1|))``, leaf by leaf."""
     return jax.tree.map(
-        lambda e, a, b: (
-            e.astype(jnp.float32)
-            / (atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)).astype(jnp.float32))
-        ),
+        lambda e, a, b: e.astype(jnp.float32) / (atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)).astype(jnp.float32)),
         tree,
         y0,
         y1,
@@ -115,12 +112,17 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _initial_step(f, t0, y0, f0, direction, rtol, atol, args):
-    """Hairer's starting step size (Solving ODEs I, Sec. II.4). Costs one NFE."""
+def _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args):
+    """Hairer's starting step size (Solving ODEs I, Sec. II.4). Costs one NFE.
+
+    Unlike the textbook version, the trial step never leaves ``[t0, t1]``: a vector field need not
+    be defined (or finite) outside the interval, e.g. the VE SDE's ``sigma(t)`` overflows for t >> T.
+    """
     scale = lambda tree: _scaled(tree, y0, y0, rtol, atol)
     d0 = _rms_norm(scale(y0))
     d1 = _rms_norm(scale(f0))
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+    h0 = jnp.minimum(h0, span)
     y1 = _combine(y0, direction * h0, (f0,), (1.0,))
     f1 = f(t0 + direction * h0, y1, args)
     d2 = _rms_norm(scale(jax.tree.map(lambda a, b: a - b, f1, f0))) / h0
@@ -130,7 +132,8 @@ def _initial_step(f, t0, y0, f0, direction, rtol, atol, args):
         jnp.maximum(1e-6, h0 * 1e-3),
         (0.01 / jnp.maximum(d1, d2)) ** (1.0 / order),
     )
-    return jnp.minimum(100.0 * h0, h1)
+    h = jnp.minimum(100.0 * h0, h1)
+    return jnp.where(jnp.isfinite(h), h, h0)
 
 
 def dopri5(
@@ -174,7 +177,7 @@ def dopri5(
 
     f0 = f(t0, y0, args)
     if dt0 is None:
-        h = _initial_step(f, t0, y0, f0, direction, rtol, atol, args).astype(tdtype)
+        h = _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args).astype(tdtype)
         nfe0 = 2
     else:
         h = jnp.abs(jnp.asarray(dt0, tdtype))
@@ -219,7 +222,7 @@ def dopri5(
         accepted = accepted + accept.astype(jnp.int32)
         rejected = rejected + (~accept).astype(jnp.int32)
         done = accept & last
-        too_small = (~done) & (t_out + direction * h_next == t_out)
+        too_small = (~done) & ((t_out + direction * h_next == t_out) | ~jnp.isfinite(h_next))
         status = jnp.where(steps >= max_steps, _MAX_STEPS, _RUNNING)
         status = jnp.where(done, _DONE, jnp.where(too_small, _STEP_TOO_SMALL, status))
         return (
@@ -238,9 +241,7 @@ def dopri5(
     zero = jnp.zeros((), jnp.int32)
     init_status = jnp.where(span == 0, _DONE, jnp.where(max_steps <= 0, _MAX_STEPS, _RUNNING))
     carry = (t0, y0, f0, h, jnp.float32(1e-4), jnp.bool_(False), zero, zero, zero, init_status)
-    t, y, _, _, _, _, steps, accepted, rejected, status = lax.while_loop(
-        lambda c: c[-1] == _RUNNING, step, carry
-    )
+    t, y, _, _, _, _, steps, accepted, rejected, status = lax.while_loop(lambda c: c[-1] == _RUNNING, step, carry)
     info = {
         "nfe": nfe0 + 6 * steps,
         "steps": steps,

@@ -70,9 +70,7 @@ def test_convergence_order(method, order):
         step_counts = np.array([8, 16, 32, 64, 128])
         errors = []
         for n in step_counts:
-            y1, info = ode.solve(
-                lambda t, y, a: jnp.cos(t) * y, y0, 0.0, 2.0, method=method, steps=int(n)
-            )
+            y1, info = ode.solve(lambda t, y, a: jnp.cos(t) * y, y0, 0.0, 2.0, method=method, steps=int(n))
             errors.append(abs(float(y1) - exact))
             assert int(info["nfe"]) == order * n  # stages per step equals the order for these three
         slope = np.polyfit(np.log(2.0 / step_counts), np.log(errors), 1)[0]
@@ -120,9 +118,9 @@ def test_dopri5_matches_diffrax():
 
 def test_max_steps_failure_is_reported():
     # A stiff problem at a tight tolerance needs far more than 20 steps.
-    y1, info = jax.jit(
-        lambda y: ode.solve(decay, y, 0.0, 10.0, rtol=1e-9, atol=1e-9, max_steps=20, args=1000.0)
-    )(jnp.ones(2))
+    y1, info = jax.jit(lambda y: ode.solve(decay, y, 0.0, 10.0, rtol=1e-9, atol=1e-9, max_steps=20, args=1000.0))(
+        jnp.ones(2)
+    )
     assert not bool(info["success"])
     assert int(info["steps"]) == 20
     assert int(info["nfe"]) == 2 + 6 * 20
@@ -134,6 +132,14 @@ def test_nonfinite_vector_field_fails_without_hanging():
     y1, info = ode.solve(lambda t, y, a: y / 0.0 * 0.0, jnp.ones(2), 0.0, 1.0, max_steps=50)
     assert not bool(info["success"])
     assert int(info["accepted"]) == 0
+
+
+def test_first_step_stays_inside_the_interval():
+    # f is NaN beyond t = 1, and so slow that Hairer's unclipped trial step would land far past it.
+    f = lambda t, y, args: 1e-4 * y * jnp.sqrt(1.0 - t)
+    y1, info = ode.solve(f, jnp.ones(2), 0.0, 1.0, rtol=1e-6, atol=1e-6)
+    assert bool(info["success"])
+    np.testing.assert_allclose(y1, np.exp(1e-4 * 2 / 3), rtol=5e-6, atol=0)
 
 
 def test_backward_integration():
