@@ -13,8 +13,10 @@ solver is ``jax.vmap``-ed over the batch), so an example's result does not depen
 its batch or on how the batch is split over devices, and one hard example cannot loosen the error
 control of another. (XLA may round differently in programs compiled for different batch sizes;
 an adaptive solver can turn such a rounding difference into a different step sequence, so results
-across batch sizes agree to the solver's tolerance, and bit for bit for a given compiled program.) ``per_example_steps=False`` shares one step size over the whole batch (an RMS
-error norm over every element, as a single ``solve_ivp`` on the flattened batch would do).
+across batch sizes agree to the solver's tolerance, and bit for bit for a given compiled program.)
+
+``per_example_steps=False`` shares one step size over the whole batch (an RMS error norm over every
+element, as a single ``solve_ivp`` on the flattened batch would do).
 """
 
 from __future__ import annotations
