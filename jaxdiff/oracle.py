@@ -54,17 +54,21 @@ class GaussianMixture:
     weights: Array
     means: Array
     covs: Array
+    eigvals: Array  # (K, d): C_k = U_k diag(eigvals_k) U_k^T, so the perturbed covariance
+    eigvecs: Array  # (K, d, d): alpha^2 C_k + sigma^2 I = U_k diag(alpha^2 eigvals_k + sigma^2) U_k^T.
 
     def __init__(self, weights, means, covs):
         weights, means, covs = (np.asarray(a, np.float64) for a in (weights, means, covs))
         _validate(weights, means, covs)
         weights = weights / weights.sum()
-        self._set(*(jnp.asarray(a, jnp.float32) for a in (weights, means, covs)))
+        eigvals, eigvecs = np.linalg.eigh(covs)
+        self._set(*(jnp.asarray(a, jnp.float32) for a in (weights, means, covs, eigvals, eigvecs)))
 
-    def _set(self, weights, means, covs):
-        object.__setattr__(self, "weights", weights)
-        object.__setattr__(self, "means", means)
-        object.__setattr__(self, "covs", covs)
+    def _set(self, weights, means, covs, eigvals, eigvecs):
+        for name, value in zip(self._fields, (weights, means, covs, eigvals, eigvecs)):
+            object.__setattr__(self, name, value)
+
+    _fields = ("weights", "means", "covs", "eigvals", "eigvecs")
 
     @classmethod
     def _unflatten(cls, _, children):
@@ -118,7 +122,8 @@ class GaussianMixture:
         t = jnp.asarray(t, jnp.float32)
         a, s = sde.alpha(t), sde.sigma(t)
         covs = a**2 * self.covs + s**2 * jnp.eye(self.dim)
-        return GaussianMixture._unflatten(None, (self.weights, a * self.means, covs))
+        eigvals = a**2 * self.eigvals + s**2
+        return GaussianMixture._unflatten(None, (self.weights, a * self.means, covs, eigvals, self.eigvecs))
 
     # -- sampling ------------------------------------------------------------------------------------------
     def sample(self, key: Array, n: int, return_labels: bool = False):
@@ -145,23 +150,15 @@ class GaussianMixture:
         else:
             t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (n,))
             a, s = sde.alpha(t), sde.sigma(t)
-        eye = jnp.eye(self.dim)
-
-        def one(xi, ai, si):
-            covs = ai**2 * self.covs + si**2 * eye  # (K, d, d)
-            chol = jnp.linalg.cholesky(covs)
-            resid = xi - ai * self.means  # (K, d)
-            white = jax.vmap(lambda L, r: jax.scipy.linalg.solve_triangular(L, r, lower=True))(
-                chol, resid
-            )
-            logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-            log_n = -0.5 * (jnp.sum(white**2, -1) + logdet + self.dim * math.log(2 * math.pi))
-            prec_resid = jax.vmap(
-                lambda L, w: jax.scipy.linalg.solve_triangular(L.T, w, lower=False)
-            )(chol, white)
-            return log_n + jnp.log(self.weights), prec_resid
-
-        return jax.vmap(one)(x, a, s)
+        # In the eigenbasis of each component the perturbed covariance is diagonal: no factorisation per t.
+        lam = a[:, None, None] ** 2 * self.eigvals[None] + s[:, None, None] ** 2  # (n, K, d)
+        resid = x[:, None, :] - a[:, None, None] * self.means[None]  # (n, K, d)
+        proj = jnp.einsum("kij,nki->nkj", self.eigvecs, resid)  # U_k^T (x - alpha m_k)
+        log_n = -0.5 * (
+            jnp.sum(proj**2 / lam, -1) + jnp.sum(jnp.log(lam), -1) + self.dim * math.log(2 * math.pi)
+        )
+        prec_resid = jnp.einsum("kij,nkj->nki", self.eigvecs, proj / lam)
+        return log_n + jnp.log(self.weights), prec_resid
 
     def log_prob(self, x: Array) -> Array:
         """Exact ``log p_0(x)``, per example: shape ``(batch,)``."""
@@ -195,7 +192,9 @@ class GaussianMixture:
 
 
 jax.tree_util.register_pytree_node(
-    GaussianMixture, lambda m: ((m.weights, m.means, m.covs), None), GaussianMixture._unflatten
+    GaussianMixture,
+    lambda m: (tuple(getattr(m, f) for f in GaussianMixture._fields), None),
+    GaussianMixture._unflatten,
 )
 
 
