@@ -108,9 +108,7 @@ class FIRConv(nn.Module):
         if self.up and self.down:
             raise ValueError("FIRConv cannot both upsample and downsample")
         ks = self.kernel_size
-        w = self.param(
-            "kernel", default_init(self.init_scale), (ks, ks, x.shape[-1], self.features)
-        )
+        w = self.param("kernel", default_init(self.init_scale), (ks, ks, x.shape[-1], self.features))
         b = self.param("bias", nn.initializers.zeros, (self.features,))
         w = w.astype(x.dtype)
         if self.up:

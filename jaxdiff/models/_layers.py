@@ -35,9 +35,7 @@ __all__ = [
 ]
 
 
-def conv3x3(
-    features: int, init_scale: float = 1.0, stride: int = 1, name: str | None = None
-) -> nn.Conv:
+def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1, name: str | None = None) -> nn.Conv:
     """3x3 convolution with DDPM initialisation and zero bias."""
     return nn.Conv(
         features,
@@ -52,9 +50,7 @@ def conv3x3(
 
 def conv1x1(features: int, init_scale: float = 1.0) -> nn.Conv:
     """1x1 convolution with DDPM initialisation and zero bias."""
-    return nn.Conv(
-        features, (1, 1), kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros
-    )
+    return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -149,9 +149,7 @@ class NCSNpp(nn.Module):
 
     def _check_inputs(self, x: Array, noise_cond: Array, y: Array | None) -> None:
         if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"x must be NHWC images of shape (batch, height, width, channels), got {x.shape}"
-            )
+            raise ValueError(f"x must be NHWC images of shape (batch, height, width, channels), got {x.shape}")
         _, height, width, channels = x.shape
         factor = 2 ** (len(self.ch_mult) - 1)
         if height % factor or width % factor:
@@ -191,9 +189,7 @@ class NCSNpp(nn.Module):
         return AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale)
 
     @nn.compact
-    def __call__(
-        self, x: Array, noise_cond: Array, y: Array | None = None, train: bool = False
-    ) -> Array:
+    def __call__(self, x: Array, noise_cond: Array, y: Array | None = None, train: bool = False) -> Array:
         """Evaluates the network.
 
         Args:
