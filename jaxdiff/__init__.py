@@ -1,7 +1,8 @@
 """jaxdiff: score-based generative modelling through SDEs, in JAX."""
 
-from jaxdiff import oracle, sde
+from jaxdiff import oracle, samplers, sde
 from jaxdiff.oracle import GaussianMixture
+from jaxdiff.samplers import sample
 from jaxdiff.sde import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
 __version__ = "0.1.0"
@@ -14,5 +15,7 @@ __all__ = [
     "CosineVPSDE",
     "GaussianMixture",
     "oracle",
+    "sample",
+    "samplers",
     "sde",
 ]

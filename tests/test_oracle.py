@@ -70,9 +70,7 @@ def test_event_shaped_inputs_are_flattened():
     x = jax.random.normal(jax.random.key(0), (3, 2, 2))
     s = gm.score(x, jnp.full((3,), 0.5), VPSDE())
     assert s.shape == x.shape
-    np.testing.assert_allclose(
-        s.reshape(3, 4), gm.score(x.reshape(3, 4), jnp.full((3,), 0.5), VPSDE()), rtol=1e-6
-    )
+    np.testing.assert_allclose(s.reshape(3, 4), gm.score(x.reshape(3, 4), jnp.full((3,), 0.5), VPSDE()), rtol=1e-6)
     with pytest.raises(ValueError, match="3 dimensions per example, the mixture has 4"):
         gm.log_prob(jnp.ones((2, 3)))
 

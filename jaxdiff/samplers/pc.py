@@ -328,6 +328,11 @@ def annealed_langevin_sample(
     """Annealed Langevin dynamics (NCSN, Song & Ermon 2019): Langevin steps at decreasing noise levels.
 
     ``steps`` is the number of noise levels and ``corrector_steps`` the Langevin steps at each.
+
+    This is an NCSN (VE) method. Without a predictor the chain must follow ``p_t`` by MCMC alone, and its
+    step, proportional to ``sigma(t)^2``, becomes too short to relax at small noise levels; for VP and
+    especially sub-VP (whose ``sigma(t)`` vanishes fastest) the samples keep a visible bias towards the
+    contracted ``p_t``. Prefer ``pc`` with a predictor for those SDEs.
     """
     return pc_sample(
         key,
