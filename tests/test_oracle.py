@@ -35,7 +35,7 @@ def test_log_prob_matches_scipy():
     x = np.asarray(jax.random.normal(jax.random.key(1), (10, 4)) * 3)
     dens = sum(
         w * scipy.stats.multivariate_normal(m, c).pdf(x)
-        for w, m, c in zip(np.asarray(gm.weights), np.asarray(gm.means), np.asarray(gm.covs))
+        for w, m, c in zip(np.asarray(gm.weights), np.asarray(gm.means), np.asarray(gm.covs), strict=True)
     )
     np.testing.assert_allclose(gm.log_prob(jnp.asarray(x)), np.log(dens), rtol=1e-4, atol=1e-4)
 
