@@ -16,9 +16,7 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy.special import ndtr
 
 import jaxdiff
 from jaxdiff.oracle import GaussianMixture
@@ -49,26 +47,6 @@ def budgets_to_options(method: str, nfe: int):
     raise ValueError(method)
 
 
-def sliced_ks(mixture: GaussianMixture, x: np.ndarray, directions: np.ndarray) -> float:
-    x = np.asarray(x, np.float64)
-    if not np.all(np.isfinite(x)):
-        return float("nan")
-    w = np.asarray(mixture.weights, np.float64)
-    means = np.asarray(mixture.means, np.float64)
-    covs = np.asarray(mixture.covs, np.float64)
-    n = x.shape[0]
-    out = []
-    for u in directions:
-        z = np.sort(x @ u)
-        mu = means @ u
-        sd = np.sqrt(np.einsum("i,kij,j->k", u, covs, u))
-        cdf = (w[None] * ndtr((z[:, None] - mu[None]) / sd[None])).sum(-1)
-        upper = np.arange(1, n + 1) / n
-        lower = np.arange(0, n) / n
-        out.append(max(np.max(upper - cdf), np.max(cdf - lower)))
-    return float(np.mean(out))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="samples per run")
@@ -93,8 +71,6 @@ def main():
     if args.methods:
         methods = args.methods.split(",")
     methods = [m for m in methods if m in jaxdiff.samplers.available_methods()]
-    directions = np.random.default_rng(0).normal(size=(16, 2))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
 
     for mix_name in args.mixtures.split(","):
         gm = MIXTURES[mix_name]()
@@ -108,7 +84,7 @@ def main():
                         "method": "exact",
                         "nfe": 0,
                         "seed": seed,
-                        "sliced_ks": round(sliced_ks(gm, exact, directions), 5),
+                        "sliced_ks": round(gm.sliced_ks(exact), 5),
                     }
                 ),
                 flush=True,
@@ -131,7 +107,7 @@ def main():
                         x, info = jaxdiff.sample(jax.random.key(0), score_fn, sde, (args.n, 2), method=method, **opts)
                         x = np.asarray(x)
                         wall = time.perf_counter() - t0
-                        err = sliced_ks(gm, x, directions)
+                        err = gm.sliced_ks(x)
                         row = {
                             "mixture": mix_name,
                             "sde": sde_name,

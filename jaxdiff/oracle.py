@@ -65,7 +65,7 @@ class GaussianMixture:
         self._set(*(jnp.asarray(a, jnp.float32) for a in (weights, means, covs, eigvals, eigvecs)))
 
     def _set(self, weights, means, covs, eigvals, eigvecs):
-        for name, value in zip(self._fields, (weights, means, covs, eigvals, eigvecs)):
+        for name, value in zip(self._fields, (weights, means, covs, eigvals, eigvecs), strict=True):
             object.__setattr__(self, name, value)
 
     _fields = ("weights", "means", "covs", "eigvals", "eigvecs")
@@ -181,6 +181,32 @@ class GaussianMixture:
         """Posterior component probabilities ``(batch, K)`` of each point (at ``t=0`` by default)."""
         log_terms, _ = self._component_terms(x, t, sde)
         return jax.nn.softmax(log_terms, axis=-1)
+
+    def sliced_ks(self, x, num_directions: int = 16, seed: int = 0) -> float:
+        """Sliced Kolmogorov--Smirnov distance of samples ``x`` (n, d) to the mixture.
+
+        The mean over ``num_directions`` fixed random unit vectors ``u`` of ``sup_z |F_n(z) - F(z)|``, where
+        ``F_n`` is the empirical CDF of ``u.x`` and ``F`` the exact CDF of the projected mixture, a 1-D mixture
+        of ``N(u.m_k, u^T C_k u)``. Measured against the exact CDF, its noise floor is small and known: about
+        ``0.87 / sqrt(n)`` for ``n`` exact samples. Returns NaN if any sample is not finite.
+        """
+        from scipy.special import ndtr
+
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        if not np.all(np.isfinite(x)):
+            return float("nan")
+        u = np.random.default_rng(seed).normal(size=(num_directions, self.dim))
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        w = np.asarray(self.weights, np.float64)
+        means, covs = np.asarray(self.means, np.float64), np.asarray(self.covs, np.float64)
+        n = x.shape[0]
+        dists = []
+        for ui in u:
+            z = np.sort(x @ ui)
+            sd = np.sqrt(np.einsum("i,kij,j->k", ui, covs, ui))
+            cdf = (w * ndtr((z[:, None] - means @ ui) / sd)).sum(-1)
+            dists.append(max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n)))
+        return float(np.mean(dists))
 
     def score_fn(self, sde: SDE) -> Partial:
         """The exact score as a ``score_fn(x, t)`` for samplers and likelihoods.

@@ -104,3 +104,14 @@ def test_score_fn_is_a_pytree_and_does_not_recompile():
 def test_invalid_mixtures(args, message):
     with pytest.raises(ValueError, match=message):
         GaussianMixture(*args)
+
+
+def test_sliced_ks_noise_floor_and_sensitivity():
+    gm = GaussianMixture.grid(2, spacing=4.0, std=0.5)
+    n = 10_000
+    exact = [gm.sliced_ks(gm.sample(jax.random.key(s), n)) for s in range(3)]
+    # Known noise floor: E[KS] ~ 0.87 / sqrt(n) for exact samples.
+    assert 0.4 / np.sqrt(n) < np.mean(exact) < 1.3 / np.sqrt(n)
+    shrunk = gm.sample(jax.random.key(0), n) * 0.95
+    assert gm.sliced_ks(shrunk) > 2 * max(exact)
+    assert np.isnan(gm.sliced_ks(np.full((4, 2), np.nan)))
