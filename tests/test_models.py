@@ -384,12 +384,13 @@ def test_get_model():
 
 # -- parameter counts of the paper's CIFAR-10 networks (see jaxdiff/models/PARAMS.md) ------------
 # Identical to the reference implementation (yang-song/score_sde) instantiated with the paper's
-# configs configs/{ve,vp}/cifar10_{ncsnpp,ddpmpp}[_deep]_continuous.py.
+# configs configs/{ve,vp}/cifar10_{ncsnpp,ddpmpp}[_deep]_continuous.py (and models/ddpm.py for DDPM).
 CIFAR10_PARAMS = {
     "ncsnpp": (NCSNpp, {}, 62_758_915),
     "ncsnpp_deep": (NCSNpp, dict(num_res_blocks=8), 107_587_075),
     "ddpmpp": (DDPMpp, {}, 61_804_419),
     "ddpmpp_deep": (DDPMpp, dict(num_res_blocks=8), 106_632_579),
+    "ddpm": (DDPMpp, dict(resblock_type="ddpm", skip_rescale=False, num_res_blocks=2), 35_218_947),
 }
 
 

@@ -291,8 +291,8 @@ class DDPMpp(NCSNpp):
 
     The same architecture as :class:`NCSNpp` with the defaults of the paper's CIFAR-10 DDPM++
     (continuous, VP) model: positional embedding, no FIR, no progressive input or output, BigGAN
-    blocks with rescaled skips. ``num_res_blocks=8`` gives DDPM++ deep; ``resblock_type='ddpm'``
-    with ``skip_rescale=False`` gives the DDPM network of Ho et al. (2020).
+    blocks with rescaled skips. ``num_res_blocks=8`` gives DDPM++ deep, and
+    ``resblock_type='ddpm', skip_rescale=False, num_res_blocks=2`` the DDPM network of Ho et al. (2020).
 
     Example:
         >>> import jax, jax.numpy as jnp
