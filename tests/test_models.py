@@ -200,7 +200,7 @@ def test_unet_dropout_only_in_train_mode(small_unet):
     assert float(jnp.max(jnp.abs(train_1 - evals))) > 1e-4
 
 
-def test_unconditional_model_ignores_noise_level():
+def test_unconditional_model_has_no_time_embedding():
     model = NCSNpp(**TINY, conditional=False)
     _, variables = _output_shape(model, *_inputs(size=8))
     assert "temb_dense_0" not in variables["params"]

@@ -34,7 +34,12 @@ def check_noise_cond(noise_cond, batch: int) -> None:
 
 
 def check_labels(y, num_classes: int | None, batch: int) -> None:
-    """``y`` is required (integer, shape ``(batch,)``) iff the model is class-conditional."""
+    """``y`` is required (integer, shape ``(batch,)``) iff the model is class-conditional.
+
+    Label values are not checked (they may be traced); they must lie in ``[0, num_classes]``, the
+    last being the null class. An out-of-range label looks up a NaN embedding, so it cannot pass
+    unnoticed.
+    """
     if num_classes is None:
         if y is not None:
             raise ValueError(
