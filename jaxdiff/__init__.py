@@ -1,4 +1,11 @@
-"""jaxdiff: score-based generative modelling through SDEs, in JAX."""
+"""jaxdiff: score-based generative modelling through SDEs, in JAX.
+
+The light core (SDEs, oracle, samplers) is imported eagerly; the other modules (``models``, ``losses``,
+``train``, ``data``, ``checkpoint``, ``parallel``, ``likelihood``, ``ode``, ``parameterization``) load on first
+use, e.g. ``jaxdiff.likelihood.log_likelihood`` or ``from jaxdiff import train``.
+"""
+
+import importlib
 
 from jaxdiff import oracle, samplers, sde
 from jaxdiff.oracle import GaussianMixture
@@ -6,6 +13,25 @@ from jaxdiff.samplers import sample
 from jaxdiff.sde import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
 __version__ = "0.1.0"
+
+_LAZY = (
+    "checkpoint",
+    "data",
+    "likelihood",
+    "losses",
+    "models",
+    "ode",
+    "parallel",
+    "parameterization",
+    "train",
+)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f"jaxdiff.{name}")
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
+
 
 __all__ = [
     "SDE",
@@ -18,4 +44,5 @@ __all__ = [
     "sample",
     "samplers",
     "sde",
+    *_LAZY,
 ]
