@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxdiff import ode
@@ -34,7 +35,7 @@ from jaxdiff.samplers import _common as C
 from jaxdiff.samplers.pc import tweedie_denoise
 from jaxdiff.sde import SDE, batch_broadcast
 
-__all__ = ["ode_sample", "decode", "encode", "probability_flow_drift", "solve_batch"]
+__all__ = ["ode_sample", "decode", "encode", "probability_flow_drift", "solve_batch", "match_batch_sharding"]
 
 PyTree = Any
 
@@ -50,12 +51,28 @@ def probability_flow_drift(score_fn: C.ScoreFn, sde: SDE, x: Array, t: Array) ->
     return drift - 0.5 * batch_broadcast(diffusion**2, x) * score
 
 
+def match_batch_sharding(tree: PyTree, like: Array) -> PyTree:
+    """Gives every leaf of ``tree`` the batch-axis sharding of ``like`` under an explicit mesh.
+
+    Arrays made inside a jitted function (per-example keys, probes, zeros) are unsharded; with
+    ``jax.sharding.AxisType.Explicit`` meshes ``jax.vmap`` and elementwise ops need their batch axis
+    sharded like the data's. A no-op for unsharded data and automatic (GSPMD) sharding.
+    """
+    sharding = jax.typeof(like).sharding
+    spec = tuple(sharding.spec)
+    if not spec or spec[0] is None:
+        return tree
+    target = NamedSharding(sharding.mesh, PartitionSpec(spec[0]))
+    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, target), tree)
+
+
 def solve_batch(
-    vector_field: Callable[[Array, PyTree], PyTree],
+    vector_field: Callable[[Array, PyTree, PyTree], PyTree],
     y0: PyTree,
     t0: float,
     t1: float,
     *,
+    args: PyTree = None,
     per_example_steps: bool = True,
     method: str = "dopri5",
     steps: int | None = None,
@@ -64,11 +81,12 @@ def solve_batch(
     """Solves a batch of ODEs whose vector field is written for a batch.
 
     Args:
-      vector_field: ``vector_field(t, y)`` with ``t`` of shape ``(batch,)`` and ``y`` a pytree whose
-        leaves lead with the batch axis.
+      vector_field: ``vector_field(t, y, args)`` with ``t`` of shape ``(batch,)`` and ``y`` and
+        ``args`` pytrees whose leaves lead with the batch axis.
       y0: initial state at ``t0``.
       t0: initial time.
       t1: final time.
+      args: per-example constants of the vector field (batch-leading leaves), or ``None``.
       per_example_steps: one adaptive solve per example (``jax.vmap``) if true, otherwise one solve
         of the whole batch with a shared step size.
       method: a method of :func:`jaxdiff.ode.solve`.
@@ -80,19 +98,34 @@ def solve_batch(
       example's count when stepping per example); ``info["nfe_per_example"]``, ``info["steps"]``
       and ``info["success"]`` are per example.
     """
-    batch = jax.tree.leaves(y0)[0].shape[0]
+    first = jax.tree.leaves(y0)[0]
+    batch = first.shape[0]
+    y0, args = match_batch_sharding((y0, args), first)
     if per_example_steps:
 
-        def one(t, y, _):
-            expand = jax.tree.map(lambda a: a[None], y)
-            out = vector_field(jnp.reshape(t, (1,)), expand)
-            return jax.tree.map(lambda a: a[0], out)
+        def one(t, y, a):
+            expand = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
+            out = vector_field(jnp.reshape(t, (1,)), expand(y), expand(a))
+            return jax.tree.map(lambda leaf: leaf[0], out)
 
-        solve_one = lambda y: ode.solve(one, y, t0, t1, method=method, steps=steps, **solver_kwargs)
-        y1, info = jax.vmap(solve_one)(y0)
+        solve_one = lambda y, a: ode.solve(one, y, t0, t1, method=method, steps=steps, args=a, **solver_kwargs)
+        solve_all = jax.vmap(solve_one)
+        sharding = jax.typeof(first).sharding
+        spec = tuple(sharding.spec)
+        if spec and spec[0] is not None:
+            # Batch sharded over an explicit mesh: each device solves its own examples (and stops
+            # when they are done); the solves are independent, so no communication is needed.
+            solve_all = jax.shard_map(
+                solve_all,
+                mesh=sharding.mesh,
+                in_specs=PartitionSpec(spec[0]),
+                out_specs=PartitionSpec(spec[0]),
+                check_vma=False,
+            )
+        y1, info = solve_all(y0, args)
     else:
-        batched = lambda t, y, _: vector_field(jnp.full((batch,), t), y)
-        y1, info = ode.solve(batched, y0, t0, t1, method=method, steps=steps, **solver_kwargs)
+        batched = lambda t, y, a: vector_field(jnp.full((batch,), t), y, a)
+        y1, info = ode.solve(batched, y0, t0, t1, method=method, steps=steps, args=args, **solver_kwargs)
         info = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,)), info)
     out = {
         "nfe": jnp.max(info["nfe"]),
@@ -105,7 +138,7 @@ def solve_batch(
 
 def _flow(score_fn, sde, x, t0, t1, options):
     method, steps, rtol, atol, max_steps, per_example = options
-    field = lambda t, y: probability_flow_drift(score_fn, sde, y, t)
+    field = lambda t, y, _: probability_flow_drift(score_fn, sde, y, t)
     kwargs = {} if method not in ode.ADAPTIVE else {"rtol": rtol, "atol": atol, "max_steps": max_steps}
     return solve_batch(
         field,
