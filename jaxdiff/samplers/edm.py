@@ -60,7 +60,8 @@ def _heun(key, score_fn, sde, shape, steps, rho, sigma_min, sigma_max, stochasti
         gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), churn, 0.0)
         sigma_hat = sigma * (1.0 + gamma)
         z = C.per_example_normal(C.step_keys(keys, i), 0, event)
-        return y + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * z, sigma_hat
+        # sqrt(sigma_hat^2 - sigma^2), written so that gamma = 0 adds exactly nothing (no negative rounding).
+        return y + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z, sigma_hat
 
     def heun_step(y, i):
         y_hat, sigma_hat = churn_up(y, i)
