@@ -78,6 +78,7 @@ def test_hutchinson_is_unbiased(noise):
     assert int(info["nfe"]) > 0
 
 
+@pytest.mark.slow
 def test_more_probes_less_variance():
     sde, gm = SDES["vp"], mixture(2)
     x = jnp.repeat(gm.sample(jax.random.key(2), 1), 256, axis=0)

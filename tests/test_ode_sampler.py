@@ -40,7 +40,7 @@ def test_samples_follow_the_mixture(name):
     assert np.all(np.abs(products.mean(0) - cov) < 5 * se_cov), (products.mean(0), cov, se_cov)
 
 
-@pytest.mark.parametrize("name", ["vp", "ve"])
+@pytest.mark.parametrize("name", ["vp", pytest.param("ve", marks=pytest.mark.slow)])
 def test_encode_decode_round_trip(name):
     sde = SDES[name]
     score_fn = MIXTURE.score_fn(sde)
@@ -54,6 +54,7 @@ def test_encode_decode_round_trip(name):
     np.testing.assert_allclose(x1, x0, rtol=0, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_encoded_data_follow_the_prior():
     sde = SDES["vp"]
     n = 2000
