@@ -23,7 +23,7 @@ EPS = 1e-3
 # name -> (sampler, options, exact number of score evaluations)
 SAMPLERS = {
     "ddim": (ddim_sample, dict(steps=100, time_schedule="quadratic"), 100),
-    "ddim_eta_half": (ddim_sample, dict(steps=100, eta=0.5, time_schedule="quadratic", denoise=True), 101),
+    "ddim_eta_half": (ddim_sample, dict(steps=200, eta=0.5, time_schedule="logsnr", denoise=True), 201),
     "dpm_solver++2M": (dpm_solver_pp_sample, dict(steps=30, order=2), 30),
     "dpm_solver++3M": (dpm_solver_pp_sample, dict(steps=30, order=3, denoise=True), 31),
     "heun": (heun_sample, dict(steps=40), 79),
