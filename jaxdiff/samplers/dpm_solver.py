@@ -21,6 +21,13 @@ One score evaluation per step. The first steps have no history and warm up with 
 ``lower_order_final`` and fewer than 15 steps the last steps drop back to orders ``..., 2, 1``, which the
 paper finds more stable with few steps (sec. 5 and appendix). The predictions of the two previous steps
 live in the ``lax.scan`` carry as fixed-size buffers.
+
+Choosing the grid: the truncation error sits where ``x0`` changes fastest along the flow, at noise levels
+``sigma / alpha`` comparable to the scales of the data. The log-SNR grid spreads its steps evenly over
+``[lambda(T), lambda(eps)]``, a range much of which (``sigma / alpha`` far above or below the data's scales)
+needs few steps; on the 2-D Gaussian mixture of the tests (components of std 0.5, 4 apart, VP), 20 steps of
+2M widen each component by about 5% and the ``"quadratic"`` grid, which puts more of its steps at medium
+noise, by about 3.5%; 40 log-SNR steps bring it under 2%.
 """
 
 from __future__ import annotations
