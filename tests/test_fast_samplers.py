@@ -213,6 +213,7 @@ def test_same_key_same_samples_whatever_the_batch(method):
         ("ddim", dict(time_schedule="karras"), "unknown time_schedule 'karras'"),
         ("ddim", dict(eta=1.5), "eta must be in"),
         ("ddim", dict(eps=1.0), "eps must satisfy"),
+        ("ddim", dict(eps=0.0, time_schedule="logsnr"), "needs eps > 0"),
         ("heun", dict(rho=0.0), "rho must be"),
         ("heun", dict(sigma_max=1e4), "covers noise levels"),
         ("heun", dict(sigma_min=2.0, sigma_max=1.0), "sigma_min must be below sigma_max"),

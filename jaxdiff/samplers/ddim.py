@@ -125,6 +125,8 @@ def ddim_sample(
         raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: ancestral sampling), got {eta!r}")
     eps = C.check_eps(eps, sde)
     check_schedule(time_schedule)
+    if eps == 0 and time_schedule == "logsnr":
+        raise ValueError("time_schedule='logsnr' needs eps > 0: the log-SNR is infinite at t = 0")
     return _ddim(
         key,
         C.as_partial(score_fn),
