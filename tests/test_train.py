@@ -1,0 +1,218 @@
+"""Tests of jaxdiff.train: learning a 2-D mixture, U-Net steps, sharding, checkpoint resume, tracing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdiff.checkpoint import Checkpointer
+from jaxdiff.data import get_dataset
+from jaxdiff.losses import make_loss_fn
+from jaxdiff.models import MLP, DDPMpp, NCSNpp
+from jaxdiff.oracle import GaussianMixture
+from jaxdiff.parallel import make_mesh, shard_batch
+from jaxdiff.parameterization import make_score_fn
+from jaxdiff.samplers import sample
+from jaxdiff.sde import VESDE, VPSDE
+from jaxdiff.train import TrainState, create_train_state, make_eval_step, make_optimizer, make_train_step
+
+SCALE = 2.0  # the mixture is divided by this, to bring it near unit scale
+GM = GaussianMixture.grid(n_per_side=2, spacing=4.0, std=0.5)  # weights 0.1, 0.2, 0.3, 0.4
+
+
+def _mlp():
+    return MLP(hidden_sizes=(32, 32), embedding_size=8, embedding_type="positional")
+
+
+@jax.jit
+def _mixture_batch(i, n=16):
+    return {"x": GM.sample(jax.random.fold_in(jax.random.key(1), i), n) / SCALE}
+
+
+def _leaves_equal(a, b) -> bool:
+    la = jax.tree.leaves(jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, a))
+    lb = jax.tree.leaves(jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, b))
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _setup(ema_rate=0.999, mesh=None, counter=None, lr=1e-3, warmup=3):
+    sde, model = VPSDE(), _mlp()
+    tx = make_optimizer(learning_rate=lr, warmup=warmup)
+    loss_fn = make_loss_fn(sde, model)
+    if counter is not None:
+        inner = loss_fn
+
+        def loss_fn(params, key, batch):
+            counter.append(1)  # runs once per trace, not per call
+            return inner(params, key, batch)
+
+    state = create_train_state(jax.random.key(0), model, jnp.zeros((1, 2)), tx, mesh=mesh)
+    return state, make_train_step(loss_fn, tx, ema_rate=ema_rate, mesh=mesh), loss_fn, tx
+
+
+# -- a small model learns the mixture -----------------------------------------------------------------
+@pytest.mark.slow
+def test_mlp_learns_mixture():
+    sde = VPSDE()
+    model = MLP(hidden_sizes=(64, 64, 64), embedding_size=16, embedding_type="positional")
+    tx = make_optimizer(learning_rate=3e-3, warmup=20)
+    state = create_train_state(jax.random.key(0), model, jnp.zeros((1, 2)), tx)
+    train_step = make_train_step(make_loss_fn(sde, model), tx, ema_rate=0.99)
+    losses = []
+    for i in range(300):
+        state, metrics = train_step(state, _mixture_batch(i, 256))
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-50:]) < 0.6 * np.mean(losses[:20]), (np.mean(losses[:20]), np.mean(losses[-50:]))
+
+    score_fn = make_score_fn(model, state.params, sde, parameterization="eps")
+    x, _ = sample(jax.random.key(2), score_fn, sde, (2000, 2), method="euler_maruyama", steps=200)
+    x = np.asarray(x) * SCALE
+    assert np.all(np.isfinite(x))
+    nearest = np.argmin(np.linalg.norm(x[:, None] - np.asarray(GM.means)[None], axis=-1), -1)
+    dist = np.linalg.norm(x - np.asarray(GM.means)[nearest], axis=-1)
+    assert np.mean(dist < 3 * 0.5) > 0.8  # most samples within 3 std of a component
+    mass = np.bincount(nearest[dist < 1.5], minlength=4) / len(x)
+    assert np.all(mass > 0.5 * np.asarray(GM.weights)), mass  # mass on every component
+
+
+# -- the optimiser, EMA and metrics -----------------------------------------------------------------
+def test_step_metrics_schedule_and_ema():
+    counter = []
+    state, train_step, loss_fn, tx = _setup(ema_rate=0.9, counter=counter, lr=1e-3, warmup=3)
+    params0 = jax.tree.map(jnp.copy, state.params)  # the train step donates the state's buffers
+    batch = _mixture_batch(0)
+    key0 = jax.random.fold_in(state.key, 0)
+    (_, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params0, key0, batch)
+    expected_loss, _ = jax.jit(loss_fn)(params0, key0, batch)
+    state, metrics = train_step(state, batch)
+    np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(
+        metrics["grad_norm"], np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))), rtol=1e-5, atol=0
+    )
+    # EMA after one step: 0.9 * params0 + 0.1 * params1.
+    ema = jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, params0, state.params)
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    lrs = [float(metrics["learning_rate"])]
+    for i in range(1, 5):
+        state, metrics = train_step(state, _mixture_batch(i))
+        lrs.append(float(metrics["learning_rate"]))
+    np.testing.assert_allclose(lrs, [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=0)
+    assert int(state.step) == 5
+    assert len(counter) == 1 + 2  # the step traced once, plus the two reference computations above
+
+
+def test_gradient_clipping():
+    """With grad_clip the first Adam update has the magnitude of lr (Adam normalises), and clipping
+    rescales the gradient before Adam: the update equals Adam's on grads * clip / ||grads||."""
+    params = {"w": jnp.array([3.0, 4.0])}  # ||grad|| = 5 for loss 0.5 ||w||^2 ... grad = w
+    tx = make_optimizer(learning_rate=0.1, warmup=0, grad_clip=1.0)
+    updates, _ = tx.update(params, tx.init(params), params)
+    ref = optax.adam(0.1)
+    ref_updates, _ = ref.update({"w": params["w"] / 5.0}, ref.init(params), params)
+    np.testing.assert_allclose(updates["w"], ref_updates["w"], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        make_optimizer(weight_decay=0.1)
+    assert make_optimizer(optimizer="adamw", weight_decay=0.01) is not None
+
+
+def test_train_step_traces_once():
+    counter = []
+    state, train_step, _, _ = _setup(counter=counter)
+    for i in range(25):
+        state, metrics = train_step(state, _mixture_batch(i))
+    assert len(counter) == 1
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_eval_step():
+    state, train_step, _, _ = _setup()
+    state, _ = train_step(state, _mixture_batch(0))
+    eval_step = make_eval_step(make_loss_fn(VPSDE(), _mlp(), train=False))
+    batch = _mixture_batch(99)
+    out1, out2 = eval_step(state, batch), eval_step(state, batch)
+    assert out1["losses"].shape == (16,) and np.isfinite(float(out1["loss"]))
+    np.testing.assert_array_equal(out1["loss"], out2["loss"])  # deterministic given the state
+    other = eval_step(state, batch, jax.random.key(5))
+    assert float(other["loss"]) != float(out1["loss"])
+    raw = make_eval_step(make_loss_fn(VPSDE(), _mlp(), train=False), use_ema=False)(state, batch)
+    assert float(raw["loss"]) != float(out1["loss"])  # EMA and raw parameters differ after a step
+
+
+# -- U-Nets on digits -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name",
+    ["ncsnpp", pytest.param("ddpmpp", marks=pytest.mark.slow)],
+)
+def test_unet_one_step_on_digits(name):
+    batch = next(iter(get_dataset("digits", batch_size=4, seed=0)))
+    kw = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+    if name == "ncsnpp":
+        model, sde = NCSNpp(**kw), VESDE(sigma_min=0.01, sigma_max=5.0)
+        loss_fn = make_loss_fn(sde, model, parameterization="score", scale_by_sigma=True)
+    else:
+        model, sde = DDPMpp(**kw), VPSDE()
+        loss_fn = make_loss_fn(sde, model, parameterization="eps")
+    tx = make_optimizer(learning_rate=1e-3, warmup=1)
+    state = create_train_state(jax.random.key(0), model, batch["x"], tx)
+    before = jax.tree.map(np.asarray, state.params)
+    train_step = make_train_step(loss_fn, tx)
+    for _ in range(2):  # zero-initialised branch outputs (init_scale=0) leave their inputs still at step 1
+        state, metrics = train_step(state, {"x": batch["x"]})
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    changed = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True)
+    ]
+    # Every parameter moves, except the frozen Fourier frequencies.
+    assert sum(changed) >= len(changed) - 1 and any(changed)
+
+
+# -- data parallel ---------------------------------------------------------------------------------------
+def test_sharded_step_matches_single_device():
+    assert jax.device_count() == 8, "tests/conftest.py should provide 8 virtual CPU devices"
+    mesh = make_mesh()
+    single, step1, _, _ = _setup()
+    sharded, step8, _, _ = _setup(mesh=mesh)
+    assert sharded.params["dense_in"]["kernel"].sharding.is_fully_replicated
+    assert len(sharded.params["dense_in"]["kernel"].sharding.device_set) == 8
+    for i in range(3):
+        batch = _mixture_batch(i)
+        single, m1 = step1(single, batch)
+        sharded, m8 = step8(sharded, shard_batch(mesh, jax.tree.map(np.asarray, batch)))
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert sharded.params["dense_in"]["kernel"].sharding.is_fully_replicated
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+def test_checkpoint_roundtrip_and_resume(tmp_path):
+    state, train_step, _, _ = _setup()
+    for i in range(3):
+        state, _ = train_step(state, _mixture_batch(i))
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(3, state)
+    saved = jax.tree.map(jnp.copy, state)  # the train step donates `state`
+
+    target, _, _, _ = _setup()  # fresh state: same structure, step 0
+    target = target.replace(key=jax.random.key(123))
+    restored = ckpt.restore(target)
+    ckpt.close()
+    assert isinstance(restored, TrainState)
+    assert _leaves_equal(restored, saved)
+
+    for i in range(3, 6):  # uninterrupted
+        state, m_a = train_step(state, _mixture_batch(i))
+    for i in range(3, 6):  # resumed
+        restored, m_b = train_step(restored, _mixture_batch(i))
+    assert _leaves_equal(restored, state)
+    np.testing.assert_array_equal(m_a["loss"], m_b["loss"])
