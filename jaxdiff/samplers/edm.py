@@ -131,12 +131,15 @@ def heun_sample(
     if not (_is_number(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number, got {rho!r}")
     # The range of noise levels the SDE covers: sigma_edm(0) (0 for VP, sigma_min for VE) to sigma_edm(T).
-    lowest = float(sigma_edm(sde, jnp.float32(0.0)))
-    highest = float(sigma_edm(sde, jnp.float32(sde.T)))
+    # Evaluated now, in Python, even when this call is itself being traced under an outer jax.jit.
+    with jax.ensure_compile_time_eval():
+        lowest = float(sigma_edm(sde, jnp.float32(0.0)))
+        highest = float(sigma_edm(sde, jnp.float32(sde.T)))
+        eps_sigma = float(sigma_edm(sde, jnp.float32(eps)))
     if sigma_min is None:
         if eps == 0 and lowest == 0:
             raise ValueError(f"the Heun sampler needs eps > 0 for {type(sde).__name__}: sigma/alpha is 0 at t = 0")
-        sigma_min = float(sigma_edm(sde, jnp.float32(eps)))
+        sigma_min = eps_sigma
     if sigma_max is None:
         sigma_max = highest
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
