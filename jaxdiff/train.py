@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxdiff.parallel import batch_sharding, replicated_sharding
 
@@ -58,6 +59,24 @@ class TrainState:
     ema_params: PyTree
     opt_state: optax.OptState
     key: Array
+
+
+def _sharded_jit(fn: Callable, mesh: Mesh, in_shardings: tuple, **kwargs) -> Callable:
+    """``jax.jit`` over ``mesh`` with replicated outputs, the body run with ``Auto`` axes.
+
+    ``jax.make_mesh`` gives ``Explicit`` axes, under which sharding is part of every array's type and model
+    code that mixes a replicated array with a batch-sharded one in a ``select`` (Flax's ``Dropout``: a
+    replicated mask against sharded activations) is rejected. ``jax.sharding.auto_axes`` lets XLA's sharding
+    propagation place the step's intermediates instead; inputs and outputs keep the mesh's shardings.
+    """
+    body = fn
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+
+        def body(*args):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return jax.sharding.auto_axes(fn, out_sharding=P())(*args)
+
+    return jax.jit(body, in_shardings=in_shardings, out_shardings=replicated_sharding(mesh), **kwargs)
 
 
 def make_optimizer(
@@ -112,7 +131,7 @@ def make_optimizer(
 
 
 def _init_inputs(model: nn.Module, sample_input: Array):
-    shape, dtype = jnp.shape(sample_input), getattr(sample_input, "dtype", jnp.float32)
+    shape, dtype = tuple(sample_input.shape), getattr(sample_input, "dtype", jnp.float32)
     x = jnp.zeros(shape, dtype)
     args = [x, jnp.zeros(shape[:1], jnp.float32)]
     if getattr(model, "num_classes", None) is not None:
@@ -210,13 +229,12 @@ def make_train_step(
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(train_step, donate_argnums=donate_argnums)
-    replicated = replicated_sharding(mesh)
-    return jax.jit(
-        train_step,
-        in_shardings=(replicated, batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=donate_argnums,
-    )
+    shardings = (replicated_sharding(mesh), batch_sharding(mesh))
+    return _sharded_jit(train_step, mesh, shardings, donate_argnums=donate_argnums)
+
+
+def _eval_key(state: TrainState) -> Array:
+    return jax.random.fold_in(jax.random.fold_in(state.key, state.step), _EVAL_STREAM)
 
 
 def make_eval_step(
@@ -236,7 +254,7 @@ def make_eval_step(
 
     def eval_step(state: TrainState, batch: dict, key: Array | None = None) -> dict:
         if key is None:
-            key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _EVAL_STREAM)
+            key = _eval_key(state)
         params = state.ema_params if use_ema else state.params
         loss, aux = loss_fn(params, key, batch)
         out = {"loss": loss}
@@ -249,4 +267,5 @@ def make_eval_step(
     if mesh is None:
         return jax.jit(eval_step)
     replicated = replicated_sharding(mesh)
-    return jax.jit(eval_step, in_shardings=(replicated, batch_sharding(mesh), replicated))
+    sharded = _sharded_jit(eval_step, mesh, (replicated, batch_sharding(mesh), replicated))
+    return lambda state, batch, key=None: sharded(state, batch, _eval_key(state) if key is None else key)

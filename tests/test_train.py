@@ -23,8 +23,8 @@ SCALE = 2.0  # the mixture is divided by this, to bring it near unit scale
 GM = GaussianMixture.grid(n_per_side=2, spacing=4.0, std=0.5)  # weights 0.1, 0.2, 0.3, 0.4
 
 
-def _mlp():
-    return MLP(hidden_sizes=(32, 32), embedding_size=8, embedding_type="positional")
+def _mlp(dropout=0.0):
+    return MLP(hidden_sizes=(32, 32), embedding_size=8, embedding_type="positional", dropout=dropout)
 
 
 @jax.jit
@@ -42,8 +42,8 @@ def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _setup(ema_rate=0.999, mesh=None, counter=None, lr=1e-3, warmup=3):
-    sde, model = VPSDE(), _mlp()
+def _setup(ema_rate=0.999, mesh=None, counter=None, lr=1e-3, warmup=3, dropout=0.0):
+    sde, model = VPSDE(), _mlp(dropout)
     tx = make_optimizer(learning_rate=lr, warmup=warmup)
     loss_fn = make_loss_fn(sde, model)
     if counter is not None:
@@ -147,13 +147,21 @@ def test_eval_step():
 
 
 # -- U-Nets on digits -----------------------------------------------------------------------------------
+_ONE_LEVEL = dict(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1)
+_TWO_LEVELS = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+
+
 @pytest.mark.parametrize(
-    "name",
-    ["ncsnpp", pytest.param("ddpmpp", marks=pytest.mark.slow)],
+    "name, kw",
+    [
+        ("ncsnpp", _ONE_LEVEL),
+        ("ddpmpp", _ONE_LEVEL),
+        pytest.param("ncsnpp", _TWO_LEVELS, marks=pytest.mark.slow, id="ncsnpp-two-levels"),
+        pytest.param("ddpmpp", _TWO_LEVELS, marks=pytest.mark.slow, id="ddpmpp-two-levels"),
+    ],
 )
-def test_unet_one_step_on_digits(name):
+def test_unet_one_step_on_digits(name, kw):
     batch = next(iter(get_dataset("digits", batch_size=4, seed=0)))
-    kw = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
     if name == "ncsnpp":
         model, sde = NCSNpp(**kw), VESDE(sigma_min=0.01, sigma_max=5.0)
         loss_fn = make_loss_fn(sde, model, parameterization="score", scale_by_sigma=True)
@@ -179,8 +187,9 @@ def test_unet_one_step_on_digits(name):
 def test_sharded_step_matches_single_device():
     assert jax.device_count() == 8, "tests/conftest.py should provide 8 virtual CPU devices"
     mesh = make_mesh()
-    single, step1, _, _ = _setup()
-    sharded, step8, _, _ = _setup(mesh=mesh)
+    # Dropout on: its mask must not depend on how the batch is split (and must trace under a sharded batch).
+    single, step1, _, _ = _setup(dropout=0.1)
+    sharded, step8, _, _ = _setup(mesh=mesh, dropout=0.1)
     assert sharded.params["dense_in"]["kernel"].sharding.is_fully_replicated
     assert len(sharded.params["dense_in"]["kernel"].sharding.device_set) == 8
     for i in range(3):
@@ -192,6 +201,11 @@ def test_sharded_step_matches_single_device():
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert sharded.params["dense_in"]["kernel"].sharding.is_fully_replicated
+    loss_fn = make_loss_fn(VPSDE(), _mlp(0.1), train=False)
+    batch = _mixture_batch(7)
+    e1 = make_eval_step(loss_fn)(single, batch)
+    e8 = make_eval_step(loss_fn, mesh=mesh)(sharded, shard_batch(mesh, jax.tree.map(np.asarray, batch)))
+    np.testing.assert_allclose(e8["loss"], e1["loss"], rtol=1e-5, atol=1e-6)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
