@@ -29,7 +29,7 @@ def _mlp(dropout=0.0):
     return MLP(hidden_sizes=(32, 32), embedding_size=8, embedding_type="positional", dropout=dropout)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnums=1)
 def _mixture_batch(i, n=16):
     return {"x": GM.sample(jax.random.fold_in(jax.random.key(1), i), n) / SCALE}
 
@@ -73,7 +73,6 @@ def _setup(ema_rate=0.999, mesh=None, counter=None, lr=1e-3, warmup=3, dropout=0
 
 
 # -- a small model learns the mixture -----------------------------------------------------------------
-@pytest.mark.slow
 def test_mlp_learns_mixture():
     sde = VPSDE()
     model = MLP(hidden_sizes=(64, 64, 64), embedding_size=16, embedding_type="positional")
