@@ -181,9 +181,8 @@ def parse_flags(argv, flag_values=flags.FLAGS) -> None:
                 raise ConfigError("--config is required (a file in experiments/configs/)")
             config.keys()
         except (AttributeError, OSError, ImportError, SyntaxError) as e:
-            raise ConfigError(
-                f"--config: cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-            ) from None
+            path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config file")
+            raise ConfigError(f"--config: cannot load {path} ({type(e).__name__})") from None
     if "workdir" in flag_values and not flag_values.workdir:
         raise ConfigError("--workdir is required")
 
