@@ -15,7 +15,7 @@ the batch split along ``'data'``, and XLA inserts the gradient all-reduce.
 >>> train_step = make_train_step(make_loss_fn(VPSDE(), model), tx)
 >>> state, metrics = train_step(state, {"x": jnp.ones((8, 2))})
 >>> sorted(metrics)
-['grad_norm', 'learning_rate', 'loss']
+['finite', 'grad_norm', 'learning_rate', 'loss']
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class TrainState:
       ema_params: exponential moving average of ``params`` (used for sampling and evaluation).
       opt_state: the optax optimiser state.
       key: the run's PRNG key; step ``i`` uses ``fold_in(key, i)``.
+      skipped: number of steps whose loss or gradients were not finite and whose update was skipped
+        (``step`` still advances, so the data order and the random stream move on).
     """
 
     step: Array
@@ -59,6 +61,7 @@ class TrainState:
     ema_params: PyTree
     opt_state: optax.OptState
     key: Array
+    skipped: Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def _sharded_jit(fn: Callable, mesh: Mesh, in_shardings: tuple, **kwargs) -> Callable:
@@ -170,6 +173,7 @@ def create_train_state(
             ema_params=jax.tree.map(jnp.copy, params),
             opt_state=tx.init(params),
             key=k_run,
+            skipped=jnp.zeros((), jnp.int32),
         )
 
     out_shardings = replicated_sharding(mesh) if mesh is not None else None
@@ -208,8 +212,13 @@ def make_train_step(
       jit: return the plain function instead (to compose it under another transformation).
 
     Returns:
-      ``train_step(state, batch)`` with metrics ``loss``, ``grad_norm`` (before clipping) and
-      ``learning_rate`` (the one this step used).
+      ``train_step(state, batch)`` with metrics ``loss``, ``grad_norm`` (before clipping),
+      ``learning_rate`` (the one this step used) and ``finite`` (whether loss and gradients were finite).
+
+    Numerical guard: a step whose loss or gradient norm is not finite changes neither the parameters, the
+    EMA nor the optimiser state; it only advances ``step`` and counts itself in ``state.skipped``, inside
+    the compiled step (no host round trip). What to do about it (go on, or stop and keep the last good
+    state) is the caller's policy, read from ``metrics["finite"]``.
     """
     if not 0.0 <= ema_rate <= 1.0:
         raise ValueError(f"ema_rate must be in [0, 1], got {ema_rate}")
@@ -220,8 +229,22 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": _global_norm(grads), "learning_rate": _learning_rate(opt_state)}
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema_params=keep(ema_params, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": _learning_rate(opt_state),
+            "finite": finite,
+        }
         return new_state, metrics
 
     if not jit:

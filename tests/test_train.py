@@ -243,3 +243,21 @@ def test_checkpoint_roundtrip_and_resume(tmp_path):
         restored, m_b = train_step(restored, _mixture_batch(i))
     assert _leaves_equal(restored, state)
     np.testing.assert_array_equal(m_a["loss"], m_b["loss"])
+
+
+# -- numerical guard ------------------------------------------------------------------------------------
+def test_nonfinite_step_is_skipped_inside_the_compiled_step():
+    state, train_step, _, _ = _setup()
+    state, m = train_step(state, _mixture_batch(0))
+    assert bool(m["finite"]) and int(state.skipped) == 0
+    before = jax.tree.map(jnp.copy, state)
+    bad = {"x": _mixture_batch(1)["x"].at[3, 0].set(jnp.nan)}
+    state, m = train_step(state, bad)
+    assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
+    assert int(state.step) == 2 and int(state.skipped) == 1
+    # Parameters, EMA and optimiser state are exactly the last good ones.
+    for name in ("params", "ema_params", "opt_state"):
+        assert _leaves_equal(getattr(state, name), getattr(before, name)), name
+    state, m = train_step(state, _mixture_batch(2))
+    assert bool(m["finite"]) and int(state.skipped) == 1
+    assert np.all(np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])))
