@@ -170,6 +170,8 @@ def log_likelihood(
     True
     """
     eps, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
+    x = C.check_data(x)
+    C.check_score_fn(score_fn, tuple(x.shape))
     return _log_likelihood_jit(key, C.as_partial(score_fn), sde, jnp.asarray(x), trace, noise, num_probes, eps, options)
 
 
@@ -252,6 +254,9 @@ def bits_per_dim(
     if dequantize and not is_int:
         raise ValueError("dequantize=True needs integer data in {0, ..., 255}; float data is used as given")
     eps, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (batch, *event_shape), got {tuple(x.shape)}")
+    C.check_score_fn(score_fn, tuple(x.shape))
     return _bits_per_dim(
         key,
         C.as_partial(score_fn),

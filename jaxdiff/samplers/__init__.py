@@ -50,9 +50,7 @@ def available_methods() -> list[str]:
 def get_sampler(method: str) -> Callable:
     """The sampler function registered under ``method``."""
     if method not in available_methods():
-        raise ValueError(
-            f"unknown sampling method {method!r}; valid: {', '.join(available_methods())}"
-        )
+        raise ValueError(f"unknown sampling method {method!r}; valid: {', '.join(available_methods())}")
     module, fn = _METHODS[method].split(":")
     return getattr(importlib.import_module(module), fn)
 
@@ -60,9 +58,7 @@ def get_sampler(method: str) -> Callable:
 def sampler_options(method: str) -> list[str]:
     """Keyword options a method accepts (besides ``steps``)."""
     params = inspect.signature(get_sampler(method)).parameters.values()
-    return [
-        p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "steps"
-    ]
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "steps"]
 
 
 def sample(
@@ -98,9 +94,13 @@ def sample(
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-            f"valid: {', '.join(valid)}"
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; valid: {', '.join(valid)}"
         )
+    from jaxdiff.samplers import _common
+
+    _common.check_sde(sde)
+    shape = _common.check_shape(shape)
+    _common.check_score_fn(score_fn, shape)
     return fn(key, score_fn, sde, shape, steps=steps, **options)
 
 

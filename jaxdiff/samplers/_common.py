@@ -41,19 +41,52 @@ def as_partial(fn: Callable) -> Partial:
 def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Validates a sample shape ``(batch, ...)``."""
     try:
+        if any(isinstance(s, (bool, float)) for s in shape):
+            raise TypeError
         shape = tuple(int(s) for s in shape)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"shape must be a tuple of ints (batch, ...), got {shape!r}") from err
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (batch, *event_shape) with positive sizes, got {shape}")
     return shape
 
 
+def check_score_fn(score_fn, shape: tuple[int, ...]) -> None:
+    """Traces ``score_fn`` once on abstract inputs (no compilation) and checks it returns the shape of ``x``."""
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    try:
+        out = jax.eval_shape(score_fn, x, t)
+    except TypeError as err:
+        raise TypeError(f"score_fn must be callable as score_fn(x, t) with t of shape (batch,): {err}") from err
+    out_shape = getattr(out, "shape", None)
+    if out_shape != tuple(shape):
+        raise ValueError(
+            f"score_fn returned shape {out_shape} for x of shape {tuple(shape)}; the score must have the shape of x"
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"score_fn returned dtype {out.dtype}; the score must be floating point")
+
+
+def check_data(x, name: str = "x") -> Array:
+    """Validates a batch of data ``(batch, ...)`` of floating dtype."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (batch, *event_shape), got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must be floating point, got {x.dtype}; convert it (for 8-bit images use bits_per_dim, "
+            "which dequantises)"
+        )
+    return x
+
+
 def check_sde(sde) -> None:
     if not isinstance(sde, SDE):
-        raise TypeError(
-            f"sde must be a jaxdiff.sde.SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde)}"
-        )
+        raise TypeError(f"sde must be a jaxdiff.sde.SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde)}")
 
 
 def example_keys(key: Array, batch: int) -> Array:
@@ -68,9 +101,7 @@ def per_example_normal(keys: Array, tag, event_shape: tuple[int, ...]) -> Array:
 
 def prior_sample(keys: Array, sde: SDE, event_shape: tuple[int, ...]) -> Array:
     """Per-example draw from the SDE's prior."""
-    return jax.vmap(
-        lambda k: sde.prior_sampling(jax.random.fold_in(k, PRIOR_STREAM), (1, *event_shape))[0]
-    )(keys)
+    return jax.vmap(lambda k: sde.prior_sampling(jax.random.fold_in(k, PRIOR_STREAM), (1, *event_shape))[0])(keys)
 
 
 def step_keys(keys: Array, step) -> Array:

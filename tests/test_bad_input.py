@@ -1,0 +1,131 @@
+"""Bad input everywhere: each case is the input tried and the message expected, raised before any compilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff.likelihood import bits_per_dim, log_likelihood
+from jaxdiff.models import DDPMpp, NCSNpp
+from jaxdiff.parallel import check_batch_size, make_mesh
+from jaxdiff.sde import VESDE, VPSDE, SubVPSDE
+
+SDE = VPSDE()
+GOOD_SCORE = lambda x, t: -x  # noqa: E731
+KEY = jax.random.key(0)
+
+
+def _sample(**kw):
+    args = dict(key=KEY, score_fn=GOOD_SCORE, sde=SDE, shape=(4, 2))
+    args.update(kw)
+    return jaxdiff.sample(args.pop("key"), args.pop("score_fn"), args.pop("sde"), args.pop("shape"), **args)
+
+
+def _unet(model, shape):
+    x = jnp.zeros(shape)
+    return jax.eval_shape(model.init, {"params": KEY}, x, jnp.zeros((shape[0],)))
+
+
+CASES = [
+    # (what, call, exception, message)
+    (
+        "sampler: score of the wrong shape",
+        lambda: _sample(score_fn=lambda x, t: x[:, :1]),
+        ValueError,
+        r"score_fn returned shape \(4, 1\) for x of shape \(4, 2\)",
+    ),
+    (
+        "sampler: integer score",
+        lambda: _sample(score_fn=lambda x, t: jnp.zeros(x.shape, jnp.int32)),
+        ValueError,
+        "score must be floating point",
+    ),
+    (
+        "sampler: score_fn with the wrong signature",
+        lambda: _sample(score_fn=lambda x: x),
+        TypeError,
+        r"score_fn\(x, t\)",
+    ),
+    ("sampler: shape without a batch axis", lambda: _sample(shape=(2,)), ValueError, "shape must be"),
+    ("sampler: non-integer shape", lambda: _sample(shape=(4, "a")), ValueError, "shape must be a tuple of ints"),
+    ("sampler: not an SDE", lambda: _sample(sde="vp"), TypeError, "sde must be a jaxdiff.sde.SDE"),
+    ("sampler: unknown method", lambda: _sample(method="rk45"), ValueError, "unknown sampling method 'rk45'"),
+    ("sampler: unknown option", lambda: _sample(method="ode", snr=0.1), ValueError, "unknown option"),
+    ("sampler: zero steps", lambda: _sample(steps=0), ValueError, "steps must be a positive integer"),
+    ("sampler: eps past T", lambda: _sample(eps=1.5), ValueError, "eps must satisfy"),
+    (
+        "likelihood: integer data",
+        lambda: log_likelihood(KEY, GOOD_SCORE, SDE, jnp.zeros((4, 2), jnp.int32)),
+        ValueError,
+        "x must be floating point",
+    ),
+    (
+        "likelihood: no batch axis",
+        lambda: log_likelihood(KEY, GOOD_SCORE, SDE, jnp.zeros((3,))),
+        ValueError,
+        r"x must have shape \(batch, \*event_shape\)",
+    ),
+    (
+        "likelihood: score of the wrong shape",
+        lambda: log_likelihood(KEY, lambda x, t: x.sum(-1), SDE, jnp.zeros((4, 2))),
+        ValueError,
+        "score_fn returned shape",
+    ),
+    (
+        "likelihood: unknown trace",
+        lambda: log_likelihood(KEY, GOOD_SCORE, SDE, jnp.zeros((4, 2)), trace="hutch"),
+        ValueError,
+        "trace must be one of",
+    ),
+    (
+        "likelihood: negative tolerance",
+        lambda: log_likelihood(KEY, GOOD_SCORE, SDE, jnp.zeros((4, 2)), rtol=-1.0),
+        ValueError,
+        "rtol must be a positive number",
+    ),
+    (
+        "bits/dim: dequantising float data",
+        lambda: bits_per_dim(KEY, GOOD_SCORE, SDE, jnp.zeros((2, 4, 4, 1)), dequantize=True),
+        ValueError,
+        "dequantize=True needs integer data",
+    ),
+    ("SDE: negative sigma", lambda: VESDE(sigma_min=-0.01), ValueError, "sigma_min must be a finite positive"),
+    (
+        "SDE: beta_min > beta_max",
+        lambda: SubVPSDE(beta_min=30.0, beta_max=20.0),
+        ValueError,
+        "beta_min must not exceed beta_max",
+    ),
+    ("SDE: N = 0", lambda: VPSDE(N=0), ValueError, "N must be a positive integer"),
+    (
+        "model: image size not divisible by the U-Net's down-sampling",
+        lambda: _unet(DDPMpp(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=()), (2, 6, 6, 1)),
+        ValueError,
+        "divisible",
+    ),
+    (
+        "model: unknown option string",
+        lambda: NCSNpp(nf=8, progressive="sideways").init(KEY, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))),
+        ValueError,
+        "sideways",
+    ),
+    ("parallel: batch not divisible by the device count", lambda: check_batch_size(12, make_mesh()), ValueError, "12"),
+]
+
+
+@pytest.mark.parametrize("what, call, exc, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_a_clear_error(what, call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_checks_run_before_compilation():
+    # A score of the wrong shape is caught by tracing it abstractly, before the sampler is compiled.
+    from jaxdiff.samplers import pc
+
+    before = pc._pc._cache_size()
+    with pytest.raises(ValueError):
+        _sample(score_fn=lambda x, t: x[:, :1], steps=3)
+    assert pc._pc._cache_size() == before
+    np.testing.assert_equal(jax.device_count(), 8)
