@@ -99,11 +99,12 @@ def test_noise_conditional_classifier_trains_and_guides():
     assert out.shape == (512, 2) and bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_classifier_loss_is_per_example_and_images_work():
+@pytest.mark.parametrize("event", [(3,), pytest.param((8, 8, 3), marks=pytest.mark.slow)], ids=["vectors", "images"])
+def test_classifier_loss_is_per_example(event):
     model = G.NoiseConditionalClassifier(num_classes=3, conv_channels=(4, 8), hidden_sizes=(16,))
-    x = jax.random.normal(jax.random.key(0), (5, 8, 8, 3))
+    x = jax.random.normal(jax.random.key(0), (5, *event))
     y = jnp.array([0, 1, 2, 0, 1])
-    params = model.init(jax.random.key(1), x, jnp.zeros((5,)))["params"]
+    params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((5,)))["params"]
     apply = G.make_classifier_apply(model, SDE)
     loss = G.noise_conditional_classifier_loss(jax.random.key(2), apply, params, SDE, x, y)
     assert loss.shape == (5,) and bool(jnp.all(loss > 0))
