@@ -128,6 +128,20 @@ def finish(x: Array, nfe, **extra) -> tuple[Array, dict]:
     return x, info
 
 
+def tweedie_denoise(score_fn, sde: SDE, x: Array, t) -> Array:
+    """Tweedie's formula ``E[x_0 | x_t] = (x_t + sigma(t)^2 score(x_t, t)) / alpha(t)``: one score evaluation."""
+    score = evaluate_score(score_fn, x, jnp.full((x.shape[0],), t, jnp.float32))
+    return (x + sde.sigma(t) ** 2 * score) / sde.alpha(t)
+
+
+def finish_sampling(score_fn: ScoreFn, sde: SDE, x: Array, t_end, nfe: int, denoise: bool) -> tuple[Array, dict]:
+    """Optionally applies :func:`tweedie_denoise` at the final time (one more evaluation), then :func:`finish`."""
+    if denoise:
+        x = tweedie_denoise(score_fn, sde, x, t_end)
+        nfe += 1
+    return finish(x, nfe)
+
+
 def check_steps(steps, name: str = "steps") -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{name} must be a positive integer, got {steps!r}")

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxdiff.samplers import _common as C
-from jaxdiff.samplers.pc import tweedie_denoise
 from jaxdiff.samplers.schedules import check_schedule, time_steps
 from jaxdiff.sde import SDE
 
@@ -74,10 +73,7 @@ def _ddim(key, score_fn, sde, shape, steps, eta, stochastic, eps, time_schedule,
 
     x, _ = jax.lax.scan(body, x, jnp.arange(steps))
     nfe = steps
-    if denoise:
-        x = tweedie_denoise(score_fn, sde, x, ts[-1])
-        nfe += 1
-    return C.finish(x, nfe)
+    return C.finish_sampling(score_fn, sde, x, ts[-1], nfe, denoise)
 
 
 def ddim_sample(

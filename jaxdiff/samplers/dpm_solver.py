@@ -41,7 +41,6 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxdiff.samplers import _common as C
-from jaxdiff.samplers.pc import tweedie_denoise
 from jaxdiff.samplers.schedules import check_schedule, data_prediction, time_steps
 from jaxdiff.sde import SDE
 
@@ -116,10 +115,7 @@ def _dpm_solver_pp(key, score_fn, sde, shape, steps, order, time_schedule, eps, 
     history = jnp.zeros((2, *shape), jnp.float32)
     (x, _), _ = jax.lax.scan(body, (x, history), (jnp.arange(steps), orders))
     nfe = steps
-    if denoise:
-        x = tweedie_denoise(score_fn, sde, x, ts[-1])
-        nfe += 1
-    return C.finish(x, nfe)
+    return C.finish_sampling(score_fn, sde, x, ts[-1], nfe, denoise)
 
 
 def dpm_solver_pp_sample(

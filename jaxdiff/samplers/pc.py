@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.samplers import _common as C
+from jaxdiff.samplers._common import tweedie_denoise
 from jaxdiff.sde import SDE, batch_broadcast
 
 Array = jax.Array
@@ -160,13 +161,6 @@ CORRECTORS: dict[str | None, Callable | None] = {
 # --------------------------------------------------------------------------------------------------------
 # The predictor--corrector loop.
 # --------------------------------------------------------------------------------------------------------
-def tweedie_denoise(score_fn, sde: SDE, x: Array, t) -> Array:
-    """Tweedie's formula ``E[x_0 | x_t] = (x_t + sigma(t)^2 score(x_t, t)) / alpha(t)``: one score evaluation."""
-    tb = _per_example(t, x)
-    score = C.evaluate_score(score_fn, x, tb)
-    return (x + sde.sigma(t) ** 2 * score) / sde.alpha(t)
-
-
 @partial(
     jax.jit,
     static_argnames=(
@@ -202,10 +196,7 @@ def _pc(key, score_fn, sde, shape, steps, predictor, corrector, corrector_steps,
 
     (x, x_mean), _ = jax.lax.scan(body, (x, x), jnp.arange(steps))
     nfe = steps * ((predict is not None) + (correct is not None) * corrector_steps)
-    if denoise:
-        x = tweedie_denoise(score_fn, sde, x, ts[-1])
-        nfe += 1
-    return C.finish(x, nfe)
+    return C.finish_sampling(score_fn, sde, x, ts[-1], nfe, denoise)
 
 
 def pc_sample(
