@@ -27,8 +27,9 @@ The arguments and what they become:
 * Every process calls ``Checkpointer.save`` with the same directory, which must be shared storage
   (a network file system or a bucket) on real hardware: orbax coordinates the processes, each
   writes the shards it owns (one copy of a replicated array) and process 0 the metadata.
-* Only process 0 writes logs and results; values are fetched to the host with
-  ``jax.experimental.multihost_utils.process_allgather``, which every process must call.
+* Values are fetched to the host with ``jax.experimental.multihost_utils.process_allgather``, a
+  collective that every process must call. A real run logs from process 0 only; here every process
+  writes its copy (``result_<process>.npz``) so that the test can check they agree.
 
 What changes on real hardware:
 
