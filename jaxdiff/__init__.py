@@ -1,7 +1,8 @@
 """jaxdiff: score-based generative modelling through SDEs, in JAX.
 
 The light core (SDEs, oracle, samplers) is imported eagerly; the other modules (``models``, ``losses``,
-``train``, ``data``, ``checkpoint``, ``parallel``, ``likelihood``, ``ode``, ``parameterization``) load on first
+``train``, ``data``, ``checkpoint``, ``parallel``, ``likelihood``, ``ode``, ``parameterization``,
+``guidance``, ``metrics``) load on first
 use, e.g. ``jaxdiff.likelihood.log_likelihood`` or ``from jaxdiff import train``.
 """
 
@@ -17,8 +18,10 @@ __version__ = "0.1.0"
 _LAZY = (
     "checkpoint",
     "data",
+    "guidance",
     "likelihood",
     "losses",
+    "metrics",
     "models",
     "ode",
     "parallel",
