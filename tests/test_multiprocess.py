@@ -58,23 +58,30 @@ def _launch(workdir) -> list[subprocess.Popen]:
 def _wait(procs, workdir) -> None:
     """Waits for every worker; on a failure or the deadline, kills the rest and reports the logs."""
     deadline = time.monotonic() + TIMEOUT_S
+    timed_out = True
     try:
         while time.monotonic() < deadline:
             codes = [p.poll() for p in procs]
             if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
+                timed_out = False
                 break
             time.sleep(0.2)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _kill(procs)
     codes = [p.returncode for p in procs]
     if any(codes):
         logs = "\n".join(
             f"--- process {i} (exit {c}) ---\n" + _tail(workdir / f"log_{i}.txt") for i, c in enumerate(codes)
         )
-        pytest.fail(f"multi-process run failed or timed out after {TIMEOUT_S} s:\n{logs}")
+        what = f"timed out after {TIMEOUT_S} s" if timed_out else "failed"
+        pytest.fail(f"multi-process run {what}:\n{logs}")
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 def _tail(path, lines: int = 30) -> str:
@@ -92,8 +99,10 @@ def runs(tmp_path_factory):
         mesh = parallel.make_mesh(devices=jax.devices()[: NUM_PROCESSES * DEVICES_PER_PROCESS])
         state, losses, _ = worker.run(mesh, STEPS, process_index=0, process_count=1)
         reference = {"state": jax.device_get(state), "losses": np.asarray(jnp.stack(losses))}
-    finally:
-        _wait(procs, workdir)
+    except BaseException:
+        _kill(procs)
+        raise
+    _wait(procs, workdir)
     return workdir, reference
 
 
@@ -102,7 +111,7 @@ def _load(path) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def test_two_processes_train_like_one(runs):
+def test_two_processes_train_like_one(runs, initial_state):
     workdir, reference = runs
     results = [_load(workdir / f"result_{i}.npz") for i in range(NUM_PROCESSES)]
     for r in results:
@@ -126,24 +135,26 @@ def test_two_processes_train_like_one(runs):
     for k, v in ref_ema.items():
         np.testing.assert_allclose(got["ema_params/" + k], v, rtol=RTOL, atol=ATOL, err_msg=k)
     # Training moved the parameters (so the comparison above is not of two initial states).
-    init = jax.device_get(_initial_state().params)
+    init = jax.device_get(initial_state.params)
     moved = [np.max(np.abs(got["params/" + k] - v)) for k, v in worker.flat(init).items()]
     assert max(moved) > 1e-3
 
 
-def _initial_state():
+@pytest.fixture(scope="module")
+def initial_state():
+    """The state both runs start from, on one device (also the restore target)."""
     model, tx, _ = worker.build(None)
     sample = jnp.zeros((worker.GLOBAL_BATCH, 2))
     return train.create_train_state(jax.random.key(worker.SEED), model, sample, tx)
 
 
-def test_two_process_checkpoint_restores_in_one_process(runs):
+def test_two_process_checkpoint_restores_in_one_process(runs, initial_state):
     workdir, reference = runs
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         assert ckpt.all_steps() == [STEPS]
         assert ckpt.metadata()["data"]["step"] == STEPS
-        restored = ckpt.restore(_initial_state())
+        restored = ckpt.restore(initial_state)
     finally:
         ckpt.close()
     assert int(restored.step) == STEPS
