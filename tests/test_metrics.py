@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -258,3 +262,51 @@ def test_plain_function_extractor_and_inception_wrapper():
         M.get_feature_extractor("inception")
     with pytest.raises(ValueError, match="unknown feature extractor"):
         M.get_feature_extractor("vgg")
+
+
+# -- experiments/evaluate.py ---------------------------------------------------------------------------
+
+EVALUATE = os.path.join(os.path.dirname(__file__), "..", "experiments", "evaluate.py")
+
+
+def _run_evaluate(*args, timeout=120):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, EVALUATE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_evaluate_script_names_a_missing_workdir_or_checkpoint(tmp_path):
+    missing = tmp_path / "nowhere"
+    out = _run_evaluate("--workdir", str(missing))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: --workdir {missing}: no such directory"]
+    out = _run_evaluate("--workdir", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "config.json" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_evaluate_script_end_to_end_on_a_two_step_digits_run(tmp_path):
+    config = tmp_path / "digits_tiny.py"
+    config.write_text(
+        "import importlib.util\nfrom ml_collections import ConfigDict\n"
+        f"spec = importlib.util.spec_from_file_location('toy', {os.path.abspath(EVALUATE)!r}.replace("
+        "'evaluate.py', 'configs/toy_vp_mlp.py'))\n"
+        "toy = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(toy)\n\n"
+        "def get_config():\n    c = toy.get_config()\n    c.data.dataset = 'digits'\n"
+        "    c.model = ConfigDict(dict(name='ddpmpp', nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),\n"
+        "        dropout=0.0, parameterization='eps', scale_by_sigma=False, ema_rate=0.999))\n"
+        "    c.training.batch_size, c.training.n_iters, c.training.progress_bar = 16, 2, False\n"
+        "    c.eval.enabled, c.eval.ode_tol, c.sampling.steps = False, 1e-3, 5\n    return c\n"
+    )
+    workdir = tmp_path / "run"
+    train = EVALUATE.replace("evaluate.py", "train.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, train, f"--config={config}", f"--workdir={workdir}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    out = _run_evaluate("--workdir", str(workdir), "--num_samples", "100", "--likelihood_examples", "8", timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((workdir / "eval.json").read_text())
+    names = {r["name"]: r for r in results["scores"]}
+    assert {"bits_per_dim", "fid", "kid_mean", "kid_std", "classifier_score"} <= set(names)
+    assert names["bits_per_dim"]["num_probes"] == 1 and names["bits_per_dim"]["nfe"] > 0
+    assert names["fid"]["nfe"] == 5 and all(np.isfinite(r["value"]) for r in results["scores"])
