@@ -33,9 +33,10 @@ The arguments and what they become:
 
 What changes on real hardware:
 
-* On a TPU pod slice, or under SLURM / Open MPI on GPUs, call ``initialize_distributed()`` with no
-  arguments: JAX finds the coordinator, the process count and the process id itself. Otherwise pass
-  them, e.g. ``--coordinator $MASTER_ADDR:$MASTER_PORT --process-id $RANK``.
+* On a TPU pod slice, or under SLURM / Open MPI on GPUs, leave out ``--coordinator``,
+  ``--num-processes`` and ``--process-id``: the script then calls ``initialize_distributed()`` with no
+  arguments and JAX finds the coordinator, the process count and the process id itself. Elsewhere
+  pass them, e.g. ``--coordinator $MASTER_ADDR:$MASTER_PORT --num-processes $WORLD_SIZE --process-id $RANK``.
 * Run one process per host (it drives all local GPUs or TPU chips); do not set ``XLA_FLAGS`` or
   ``JAX_PLATFORMS``. On GPUs with several processes per host, also pass ``local_device_ids``.
 * The global batch size must be a multiple of the total device count; each host feeds
@@ -111,8 +112,9 @@ def main(argv=None) -> None:
     parser.add_argument("--init-timeout", type=int, default=60, help="seconds to wait for every process")
     args = parser.parse_args(argv)
 
-    distributed = args.num_processes not in (None, 1)
-    if distributed:
+    if args.num_processes is None:
+        parallel.initialize_distributed()  # cluster auto-detection (TPU pods, SLURM, Open MPI); else one process
+    elif args.num_processes > 1:
         parallel.initialize_distributed(
             args.coordinator,
             args.num_processes,
@@ -121,6 +123,7 @@ def main(argv=None) -> None:
             heartbeat_timeout_seconds=args.init_timeout,
             shutdown_timeout_seconds=args.init_timeout,
         )
+    distributed = jax.process_count() > 1
     mesh = parallel.make_mesh()
     state, step_losses, ds = run(mesh, args.steps, process_index=jax.process_index(), process_count=jax.process_count())
 
