@@ -273,7 +273,9 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
     e = config.eval
     sde, model = build_sde(config), build_model(config)
     score_fn = build_score_fn(config, sde, model, params)
-    test = build_dataset(config, "test", batch_size=max(e.num_samples, e.likelihood_examples), shuffle=True)
+    test = build_dataset(
+        config, "test", batch_size=max(e.num_samples, e.likelihood_examples), shuffle=True, drop_remainder=False
+    )
     info, key = test.info, jax.random.key(config.seed + 1)
     summary = {"config": config.get("name", config.data.dataset), "step": step}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -305,14 +307,16 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
     else:
         # Uniformly dequantised test images in [0, 1]; bits_per_dim's offset is for 256 levels, so
         # log2(L / 256) converts it to the data's own L levels (17 for digits).
-        data = build_dataset(config, "test", batch_size=e.likelihood_examples, centered=False, dequantize=True)
-        bpd, linfo = jaxdiff.likelihood.bits_per_dim(lk, score_fn, sde, data.batch(0)["x"],
-                                                     centered=config.data.centered, num_probes=e.hutchinson_probes,
-                                                     rtol=e.ode_tol, atol=e.ode_tol)  # fmt: skip
+        data = build_dataset(
+            config, "test", batch_size=e.likelihood_examples, centered=False, dequantize=True, drop_remainder=False
+        ).batch(0)["x"]
+        bpd, linfo = jaxdiff.likelihood.bits_per_dim(lk, score_fn, sde, data, centered=config.data.centered,
+                                                     num_probes=e.hutchinson_probes, rtol=e.ode_tol,
+                                                     atol=e.ode_tol)  # fmt: skip
         summary["test_bits_per_dim"] = round(float(jnp.mean(bpd)) + float(np.log2(info.num_levels / 256)), 4)
         summary["hutchinson_probes"] = e.hutchinson_probes
-    summary.update(likelihood_examples=int(data.shape[0] if toy else e.likelihood_examples),
-                   likelihood_nfe=int(linfo["nfe"]), likelihood_s=round(time.perf_counter() - t0, 1))  # fmt: skip
+    summary.update(likelihood_examples=len(data), likelihood_nfe=int(linfo["nfe"]),
+                   likelihood_s=round(time.perf_counter() - t0, 1))  # fmt: skip
 
     if e.quality and not toy:
         summary.update(sample_quality(config, x, test.batch(0)["x"]))
