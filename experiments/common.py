@@ -333,8 +333,8 @@ def sample_quality(config: ConfigDict, samples, reference) -> dict:
     if config.data.dataset != "digits":
         print(f"sample quality: skipped (the metrics' classifier is for digits, not {config.data.dataset})")
         return {}
-    scores = metrics.evaluate_samples(
-        to_unit_range(config, samples), to_unit_range(config, reference), metrics.digits_classifier(seed=0)
+    scores = metrics.evaluate_samples(  # images in [-1, 1]
+        2 * to_unit_range(config, samples) - 1, 2 * to_unit_range(config, reference) - 1, metrics.digits_classifier()
     )
     return {k: round(float(v), 4) for k, v in dict(scores).items() if np.ndim(v) == 0}
 
