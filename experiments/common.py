@@ -224,7 +224,7 @@ def save_image_grid(path: str, images, *, title: str | None = None) -> None:
     plt.close(fig)
 
 
-def save_toy_plot(path: str, samples, data, *, density=None, title: str | None = None) -> None:
+def save_toy_plot(path: str, samples, data, *, density=None, title: str | None = None, lim=(-3.0, 3.0)) -> None:
     """Scatter of samples over data, and the model density on a grid if given ``(xs, ys, p)``."""
     panels = 2 if density is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 5), squeeze=False)
@@ -238,7 +238,7 @@ def save_toy_plot(path: str, samples, data, *, density=None, title: str | None =
         axes[0, 1].pcolormesh(xs, ys, p, shading="auto", cmap="magma")
         axes[0, 1].set_title("model density (probability-flow ODE)", fontsize=9)
     for a in axes.ravel():
-        a.set_aspect("equal")
+        a.set(xlim=lim, ylim=lim, aspect="equal")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -303,7 +303,7 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
             logp_grid, _ = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, grid, trace="exact", rtol=1e-3,
                                                              atol=1e-3)  # fmt: skip
             density = (xs, xs, np.exp(np.asarray(logp_grid)).reshape(len(xs), len(xs)))
-        save_toy_plot(os.path.join(workdir, "samples.png"), x, data, density=density, title=title)
+        save_toy_plot(os.path.join(workdir, "samples.png"), x, data, density=density, title=title, lim=e.plot_range)
     else:
         # Uniformly dequantised test images in [0, 1]; bits_per_dim's offset is for 256 levels, so
         # log2(L / 256) converts it to the data's own L levels (17 for digits).

@@ -85,7 +85,7 @@ def main(argv):
         title += f", guidance {FLAGS.guidance:g}"
     if x.ndim == 2:
         reference = common.build_dataset(config, "test", batch_size=FLAGS.n).batch(0)["x"]
-        common.save_toy_plot(out + ".png", x, reference, title=title)
+        common.save_toy_plot(out + ".png", x, reference, title=title, lim=config.eval.plot_range)
     else:
         common.save_image_grid(out + ".png", common.to_unit_range(config, x), title=title)
     print(f"{FLAGS.n} samples, {method}, NFE {nfe}, {secs:.1f} s (compilation included) -> {out}.npz, {out}.png")

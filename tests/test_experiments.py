@@ -37,6 +37,8 @@ TINY = [
 ]
 TINY_MODEL = {
     "toy_vp_mlp.py": ["--config.model.hidden_sizes=(16,16)", "--config.eval.density_grid=4"],
+    # class-conditional, trained for classifier-free guidance
+    "toy_vp_mlp.py+cond": ["--config.model.num_classes=2", "--config.training.label_dropout=0.2"],
     "digits_vp_ddpmpp.py": ["--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()"],
 }
 # Input shapes of the data sets the configs use (the TFDS ones need not be on disk for this).
@@ -98,10 +100,10 @@ def common():
         sys.path.remove(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("config", ["toy_vp_mlp.py", "digits_vp_ddpmpp.py"])
-def test_train_then_sample(tmp_path, config):
+@pytest.mark.parametrize("config, conditional", [("toy_vp_mlp.py", True), ("digits_vp_ddpmpp.py", False)])
+def test_train_then_sample(tmp_path, config, conditional):
     workdir = tmp_path / "run"
-    proc = train(workdir, config)
+    proc = train(workdir, config, *(TINY_MODEL[config + "+cond"] if conditional else []))
     for name in ("config.json", "metrics.jsonl", "loss.png", "samples.png", "summary.json"):
         assert (workdir / name).is_file(), name
     assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
@@ -111,7 +113,8 @@ def test_train_then_sample(tmp_path, config):
     assert "summary" in proc.stdout
 
     out = tmp_path / "drawn"
-    proc = run("sample.py", f"--workdir={workdir}", "--n=8", "--method=ddim", "--steps=2", f"--out={out}")
+    guided = ["--label=1", "--guidance=1.5"] if conditional else []
+    proc = run("sample.py", f"--workdir={workdir}", "--n=8", "--method=ddim", "--steps=2", f"--out={out}", *guided)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NFE 2" in proc.stdout
     drawn = jnp.load(f"{out}.npz")
