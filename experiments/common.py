@@ -272,7 +272,12 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
     """The end-of-run evaluation of ``config.eval``; returns the summary."""
     e = config.eval
     sde, model = build_sde(config), build_model(config)
-    score_fn = build_score_fn(config, sde, model, params)
+    num_classes = getattr(model, "num_classes", None)
+
+    def score_for(labels):  # a class-conditional model is evaluated with labels (unguided)
+        y = None if num_classes is None else jnp.asarray(labels, jnp.int32)
+        return build_score_fn(config, sde, model, params, y=y)
+
     test = build_dataset(
         config, "test", batch_size=max(e.num_samples, e.likelihood_examples), shuffle=True, drop_remainder=False
     )
@@ -283,7 +288,8 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
     plot_losses(workdir)
 
     shape = (e.num_samples, *info.shape)
-    x, nfe, secs = draw_samples(config, score_fn, sde, shape, jax.random.fold_in(key, 0))
+    labels = np.arange(e.num_samples) % (num_classes or 1)  # every class in turn
+    x, nfe, secs = draw_samples(config, score_for(labels), sde, shape, jax.random.fold_in(key, 0))
     summary.update(sampler=config.sampling.method, sampler_nfe=nfe, sampling_s=round(secs, 1))
     title = f"{config.sampling.method}, NFE {nfe}, step {step}"
     toy = config.data.dataset in TOY_DATASETS
@@ -292,12 +298,15 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
 
     # Likelihood through the probability-flow ODE (eqs. 39-40), on held-out data.
     t0, lk = time.perf_counter(), jax.random.fold_in(key, 1)
+    # Per-example step sizes vmap the score over single examples, which labels bound in the score do not follow.
+    per_example = dict(per_example_steps=num_classes is None)
     if toy:
-        data = test.batch(0)["x"][: e.likelihood_examples]
-        logp, linfo = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, data, trace="exact")
+        batch = {k: v[: e.likelihood_examples] for k, v in test.batch(0).items()}
+        data, score_fn = batch["x"], score_for(batch.get("label"))
+        logp, linfo = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, data, trace="exact", **per_example)
         summary["test_nll_nats"] = round(float(-jnp.mean(logp)), 4)
         density = None
-        if e.density_grid:
+        if e.density_grid and num_classes is None:
             xs = np.linspace(*e.plot_range, e.density_grid, dtype=np.float32)
             grid = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
             logp_grid, _ = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, grid, trace="exact", rtol=1e-3,
@@ -307,12 +316,13 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
     else:
         # Uniformly dequantised test images in [0, 1]; bits_per_dim's offset is for 256 levels, so
         # log2(L / 256) converts it to the data's own L levels (17 for digits).
-        data = build_dataset(
+        batch = build_dataset(
             config, "test", batch_size=e.likelihood_examples, centered=False, dequantize=True, drop_remainder=False
-        ).batch(0)["x"]
+        ).batch(0)
+        data, score_fn = batch["x"], score_for(batch.get("label"))
         bpd, linfo = jaxdiff.likelihood.bits_per_dim(lk, score_fn, sde, data, centered=config.data.centered,
                                                      num_probes=e.hutchinson_probes, rtol=e.ode_tol,
-                                                     atol=e.ode_tol)  # fmt: skip
+                                                     atol=e.ode_tol, **per_example)  # fmt: skip
         summary["test_bits_per_dim"] = round(float(jnp.mean(bpd)) + float(np.log2(info.num_levels / 256)), 4)
         summary["hutchinson_probes"] = e.hutchinson_probes
     summary.update(likelihood_examples=len(data), likelihood_nfe=int(linfo["nfe"]),
