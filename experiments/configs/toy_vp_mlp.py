@@ -75,6 +75,6 @@ def get_config():
     ev.hutchinson_probes = 1  # images only; 2-D toys use the exact trace
     ev.ode_tol = 1e-5
     ev.density_grid = 64  # points per side of the density plot (0: no density panel)
-    ev.plot_range = (-3.0, 3.0)
+    ev.plot_range = (-3.5, 3.5)  # two moons spans [-3, 3] x [-2, 2]
     ev.quality = False  # FID/KID need an image classifier
     return config
