@@ -120,6 +120,18 @@ def test_train_then_sample(tmp_path, config, conditional):
     drawn = jnp.load(f"{out}.npz")
     assert drawn["samples"].shape[0] == 8 and int(drawn["nfe"]) == 2
     assert (tmp_path / "drawn.png").is_file()
+    if conditional:
+        return
+
+    # The other two scripts on the same tiny run: editing and evaluation.
+    proc = run("edit.py", f"--workdir={workdir}", "--task=inpaint", "--mask=center", "--steps=3", "--num_images=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workdir / "edit_inpaint_center.png").is_file()
+    proc = run("evaluate.py", f"--workdir={workdir}", "--num_samples=16", "--steps=2", "--likelihood_examples=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = {r["name"]: r for r in json.loads((workdir / "eval.json").read_text())["scores"]}
+    assert {"bits_per_dim", "fid", "kid_mean", "classifier_score"} <= set(scores)
+    assert all(r["nfe"] > 0 and r["wall_s"] > 0 for r in scores.values())
 
 
 def test_resume_continues_from_saved_step(tmp_path):
