@@ -152,7 +152,8 @@ def _flow(score_fn, sde, x, t0, t1, options):
     )
 
 
-def _check_options(sde, eps, method, steps, max_steps):
+def _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps):
+    """Validates the solver options; returns ``eps`` and the static ``options`` tuple of the jitted solves."""
     C.check_sde(sde)
     eps = C.check_eps(eps, sde)
     if method not in ode.METHODS:
@@ -163,7 +164,7 @@ def _check_options(sde, eps, method, steps, max_steps):
     else:
         C.check_steps(steps)
     C.check_steps(max_steps, "max_steps")
-    return eps
+    return eps, (method, steps, float(rtol), float(atol), max_steps, bool(per_example_steps))
 
 
 _STATIC = ("sde", "shape", "eps", "options", "denoise")
@@ -239,8 +240,7 @@ def ode_sample(
     ((16, 2), True)
     """
     shape = C.check_shape(shape)
-    eps = _check_options(sde, eps, method, steps, max_steps)
-    options = (method, steps, float(rtol), float(atol), max_steps, bool(per_example_steps))
+    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps)
     return _sample(key, C.as_partial(score_fn), sde, shape, eps, options, bool(denoise))
 
 
@@ -263,8 +263,7 @@ def decode(
     The inverse of :func:`encode`; :func:`ode_sample` is ``decode`` of a prior draw. Arguments and
     ``info`` as in :func:`ode_sample`.
     """
-    eps = _check_options(sde, eps, method, steps, max_steps)
-    options = (method, steps, float(rtol), float(atol), max_steps, bool(per_example_steps))
+    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps)
     return _decode_jit(C.as_partial(score_fn), sde, jnp.asarray(z), eps, options, bool(denoise))
 
 
@@ -304,6 +303,5 @@ def encode(
     >>> z.shape
     (4, 2)
     """
-    eps = _check_options(sde, eps, method, steps, max_steps)
-    options = (method, steps, float(rtol), float(atol), max_steps, bool(per_example_steps))
+    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps)
     return _encode(C.as_partial(score_fn), sde, jnp.asarray(x), eps, options)
