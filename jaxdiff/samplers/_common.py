@@ -134,12 +134,12 @@ def tweedie_denoise(score_fn, sde: SDE, x: Array, t) -> Array:
     return (x + sde.sigma(t) ** 2 * score) / sde.alpha(t)
 
 
-def finish_sampling(score_fn: ScoreFn, sde: SDE, x: Array, t_end, nfe: int, denoise: bool) -> tuple[Array, dict]:
+def finish_sampling(score_fn: ScoreFn, sde: SDE, x: Array, t_end, nfe, denoise: bool, **extra) -> tuple[Array, dict]:
     """Optionally applies :func:`tweedie_denoise` at the final time (one more evaluation), then :func:`finish`."""
     if denoise:
         x = tweedie_denoise(score_fn, sde, x, t_end)
-        nfe += 1
-    return finish(x, nfe)
+        nfe = nfe + 1
+    return finish(x, nfe, **extra)
 
 
 def check_steps(steps, name: str = "steps") -> int:

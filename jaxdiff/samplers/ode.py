@@ -32,7 +32,6 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxdiff import ode
 from jaxdiff.samplers import _common as C
-from jaxdiff.samplers.pc import tweedie_denoise
 from jaxdiff.sde import SDE, batch_broadcast
 
 __all__ = ["ode_sample", "decode", "encode", "probability_flow_drift", "solve_batch", "match_batch_sharding"]
@@ -185,10 +184,7 @@ def _decode_jit(score_fn, sde, z, eps, options, denoise):
 def _decode(score_fn, sde, z, eps, options, denoise):
     x, info = _flow(score_fn, sde, z, sde.T, eps, options)
     nfe = info.pop("nfe")
-    if denoise:
-        x = tweedie_denoise(score_fn, sde, x, jnp.float32(eps))
-        nfe = nfe + 1
-    return C.finish(x, nfe, **info)
+    return C.finish_sampling(score_fn, sde, x, jnp.float32(eps), nfe, denoise, **info)
 
 
 @functools.partial(jax.jit, static_argnames=("sde", "eps", "options"))
