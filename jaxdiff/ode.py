@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["solve", "dopri5", "euler", "heun", "rk4", "METHODS"]
@@ -62,6 +63,53 @@ _E = (
     22 / 525,
     -1 / 40,
 )
+
+# The tableau as arrays, for the stage loop: row i of _A_TABLE holds stage i's weights (zeros beyond i - 1).
+_A_TABLE = np.zeros((7, 7))
+for _i, _row in enumerate(_A):
+    _A_TABLE[_i, : len(_row)] = _row
+_E_ROW = np.asarray(_E)
+
+
+def _combine_stacked(y: PyTree, h, ks: PyTree, coeffs) -> PyTree:
+    """``y + h * sum_j coeffs[j] * ks[j]`` with ``ks`` stacked along a leading stage axis.
+
+    ``coeffs`` is a NumPy row (zero terms are skipped) or a traced one (the stage loop's). The sum is written
+    out term by term, elementwise, not as a contraction: a dot product's summation order may change with the
+    batch, and an example's steps would then depend on the batch it is solved in.
+    """
+    static = isinstance(coeffs, np.ndarray)
+    terms = [j for j in range(len(coeffs)) if not (static and coeffs[j] == 0.0)]
+
+    def leaf(y_leaf, k_leaf):
+        ctype = jnp.promote_types(y_leaf.dtype, jnp.float32)
+        acc = sum(jnp.asarray(coeffs[j], ctype) * k_leaf[j].astype(ctype) for j in terms)
+        return (y_leaf.astype(ctype) + h.astype(ctype) * acc).astype(y_leaf.dtype)
+
+    return jax.tree.map(leaf, y, ks)
+
+
+def _stages(f, t, t_new, y, k1, dt, args) -> PyTree:
+    """The seven stages of one Dormand--Prince step, stacked along a new leading axis of every leaf.
+
+    The six evaluations run in a ``fori_loop``, so the vector field is traced and compiled once per
+    step, not six times: for a large score network that is most of the program's compile time.
+    Stage ``i`` reads only stages ``< i``; the buffer starts at zero each step, so no stale (possibly
+    non-finite) value from a rejected step enters a sum, even multiplied by a zero weight.
+    """
+    ks = jax.tree.map(lambda k: jnp.zeros((7, *k.shape), k.dtype).at[0].set(k), k1)
+    a_table = jnp.asarray(_A_TABLE, jnp.float32)
+    c = jnp.asarray(_C, jnp.float32)
+
+    def body(i, ks):
+        y_stage = _combine_stacked(y, dt, ks, a_table[i])
+        # The last two stages sit at c = 1: use the step's end time itself, not t + 1.0 * dt.
+        t_stage = jnp.where(c[i] == 1.0, t_new, t + c[i].astype(dt.dtype) * dt)
+        k = f(t_stage, y_stage, args)
+        return jax.tree.map(lambda buf, v: buf.at[i].set(v.astype(buf.dtype)), ks, k)
+
+    return lax.fori_loop(1, 7, body, ks)
+
 
 # PI step-size controller (as in Hairer & Wanner's DOPRI5 code):
 #   h_new = h * SAFETY * err^-K_I * err_prev^K_P.
@@ -192,14 +240,10 @@ def dopri5(
         h_used = jnp.where(last, remaining, h)
         dt = direction * h_used
         t_new = jnp.where(last, t1, t + dt)
-        ks = [k1]
-        for i in range(1, 7):
-            y_stage = _combine(y, dt, tuple(ks), _A[i])
-            if i == 6:
-                y_new = y_stage
-            t_stage = t_new if _C[i] == 1.0 else t + _C[i] * dt
-            ks.append(f(t_stage, y_stage, args))
-        err = _combine(jax.tree.map(jnp.zeros_like, y), dt, tuple(ks), _E)
+        ks = _stages(f, t, t_new, y, k1, dt, args)
+        y_new = _combine_stacked(y, dt, ks, _A_TABLE[6])
+        err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), dt, ks, _E_ROW)
+        k_last = jax.tree.map(lambda k: k[6], ks)
         err_norm = _rms_norm(_scaled(err, y, y_new, rtol, atol))
         ok = jnp.isfinite(err_norm)
         accept = ok & (err_norm <= 1.0)
@@ -216,7 +260,7 @@ def dopri5(
         pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(accept, u, v), a, b)
         t_out = jnp.where(accept, t_new, t)
         y_out = pick(y_new, y)
-        k1_out = pick(ks[6], k1)  # FSAL: f(t_new, y_new) is the next step's first stage
+        k1_out = pick(k_last, k1)  # FSAL: f(t_new, y_new) is the next step's first stage
         err_prev_out = jnp.where(accept, jnp.maximum(err_norm, 1e-4), err_prev)
         steps = steps + 1
         accepted = accepted + accept.astype(jnp.int32)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -51,10 +52,24 @@ def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+# Score functions already checked, with the input shapes they passed for: tracing a network costs more
+# than a small compiled solve, so a function is traced for the check once per shape, not on every call.
+_CHECKED_SCORE_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def check_score_fn(score_fn, shape: tuple[int, ...]) -> None:
-    """Traces ``score_fn`` once on abstract inputs (no compilation) and checks it returns the shape of ``x``."""
+    """Traces ``score_fn`` once on abstract inputs (no compilation) and checks it returns the shape of ``x``.
+
+    A function that passed for ``shape`` is remembered (weakly, so it can still be freed) and not traced again.
+    """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    shape = tuple(shape)
+    try:
+        if shape in _CHECKED_SCORE_FNS.get(score_fn, ()):
+            return
+    except TypeError:  # neither hashable nor weakly referenceable: check every time
+        pass
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
     try:
@@ -68,6 +83,10 @@ def check_score_fn(score_fn, shape: tuple[int, ...]) -> None:
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"score_fn returned dtype {out.dtype}; the score must be floating point")
+    try:
+        _CHECKED_SCORE_FNS.setdefault(score_fn, set()).add(shape)
+    except TypeError:
+        pass
 
 
 def check_data(x, name: str = "x") -> Array:
