@@ -129,3 +129,24 @@ def test_checks_run_before_compilation():
         _sample(score_fn=lambda x, t: x[:, :1], steps=3)
     assert pc._pc._cache_size() == before
     np.testing.assert_equal(jax.device_count(), 8)
+
+
+def test_score_fn_is_traced_for_the_check_once_per_shape():
+    from jaxdiff.samplers._common import check_score_fn
+
+    shapes = []
+
+    def score(x, t):
+        shapes.append(x.shape)
+        return -x
+
+    check_score_fn(score, (4, 2))
+    check_score_fn(score, (4, 2))
+    assert shapes == [(4, 2)]
+    check_score_fn(score, (3, 2))
+    assert shapes == [(4, 2), (3, 2)]
+    # A function that failed is not remembered: it fails again, with the same message.
+    bad = lambda x, t: x[:, :1]  # noqa: E731
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"score_fn returned shape \(4, 1\)"):
+            check_score_fn(bad, (4, 2))

@@ -220,3 +220,19 @@ def test_argument_errors():
         ode.solve(decay, jnp.ones(2), 0.0, 1.0, method="rk4")
     with pytest.raises(ValueError, match="fixed-step"):
         ode.solve(decay, jnp.ones(2), 0.0, 1.0, steps=10)
+
+
+def test_vector_field_is_traced_once_per_step_not_per_stage():
+    # The six stages of a step share one traced copy of f (a fori_loop), so a large score network is
+    # compiled into the solve three times (first evaluation, first-step probe, step) instead of eight.
+    traces = []
+
+    def f(t, y, args):
+        traces.append(t)
+        return -y
+
+    jax.jit(lambda y: ode.solve(f, y, 0.0, 1.0))(jnp.ones(3))
+    assert len(traces) == 3
+    traces.clear()
+    jax.jit(lambda y: ode.solve(f, y, 0.0, 1.0, dt0=0.1))(jnp.ones(3))
+    assert len(traces) == 2
