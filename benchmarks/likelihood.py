@@ -14,9 +14,10 @@ computes) or, with ``--trace exact``, the exact trace (forward-mode Jacobian):
 
 Each method runs at every tolerance of ``--tols`` (``rtol = atol``) and prints one JSON line: wall time after
 compilation (best of ``--repeats``), NFE, and ``solver_err``, the mean absolute difference in nats from a tight
-reference solve of the same ODE with the same probes (scipy's DOP853 in float64 at ``rtol = atol = 1e-9``; the float32 vector field limits it to about 1e-6 nats), so the
-error is the solver's alone: neither the Hutchinson noise nor the prior's mismatch at ``T`` enters it. The
-``mae_nats`` column is the error to the mixture's exact log-density, for reference.
+reference solve of the same ODE with the same probes (scipy's DOP853 in float64 at ``rtol = atol = 1e-9``; the
+float32 vector field limits its own accuracy to about 1e-6 nats), so the error is the solver's alone: neither the
+Hutchinson noise nor the prior's mismatch at ``T`` enters it. ``mae_nats`` is the error to the mixture's exact
+log-density, for reference.
 
 The solvers do not make the same error at the same tolerance (their step-size controllers differ), so after each
 problem a summary line compares them twice: at the same tolerance (``--tol``, default 1e-5) and at the same
