@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jax_core
 
 __all__ = ["solve", "dopri5", "euler", "heun", "rk4", "METHODS"]
 
@@ -87,6 +88,21 @@ def _combine_stacked(y: PyTree, h, ks: PyTree, coeffs) -> PyTree:
         return (y_leaf.astype(ctype) + h.astype(ctype) * acc).astype(y_leaf.dtype)
 
     return jax.tree.map(leaf, y, ks)
+
+
+# A vector field of more operations than this (a score network) runs the stages of a step in a loop, traced and
+# compiled once; a smaller one is unrolled: a loop iteration costs microseconds on a CPU, several times a cheap
+# field's own cost, while compiling six copies of a network costs seconds to minutes.
+STAGE_LOOP_MIN_OPS = 500
+
+
+def _count_ops(jaxpr) -> int:
+    return len(jaxpr.eqns) + sum(_count_ops(sub) for sub in jax_core.subjaxprs(jaxpr))
+
+
+def _field_ops(f, t, y, args) -> int:
+    """The number of primitive operations of ``f(t, y, args)``, nested calls included (one abstract trace)."""
+    return _count_ops(jax.make_jaxpr(lambda t, y: f(t, y, args))(t, y).jaxpr)
 
 
 def _stages(f, t, t_new, y, k1, dt, args) -> PyTree:
@@ -195,6 +211,7 @@ def dopri5(
     max_steps: int = 4096,
     dt0=None,
     args=None,
+    stage_loop: bool | None = None,
 ) -> tuple[PyTree, dict]:
     """Adaptive Dormand--Prince 5(4) with FSAL, PI step-size control and automatic first step.
 
@@ -209,6 +226,10 @@ def dopri5(
         is and reports ``success=False``.
       dt0: first step size (its magnitude); ``None`` picks it automatically (one extra NFE).
       args: passed through to ``f``.
+      stage_loop: run the six stages of a step in a ``fori_loop``, so ``f`` is compiled once per step
+        rather than six times (``True``: far less compile time for a network), or unrolled (``False``:
+        faster per step for a cheap ``f``). ``None`` chooses by the size of ``f``: a loop from
+        ``STAGE_LOOP_MIN_OPS`` primitive operations up. The results are the same either way.
 
     Returns:
       ``(y1, info)`` with ``y1`` the state at ``info["t_final"]`` (``t1`` on success) and ``info``
@@ -224,6 +245,8 @@ def dopri5(
     span = jnp.abs(t1 - t0)
 
     f0 = f(t0, y0, args)
+    if stage_loop is None:
+        stage_loop = _field_ops(f, t0, y0, args) >= STAGE_LOOP_MIN_OPS
     if dt0 is None:
         h = _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args).astype(tdtype)
         nfe0 = 2
@@ -240,10 +263,20 @@ def dopri5(
         h_used = jnp.where(last, remaining, h)
         dt = direction * h_used
         t_new = jnp.where(last, t1, t + dt)
-        ks = _stages(f, t, t_new, y, k1, dt, args)
-        y_new = _combine_stacked(y, dt, ks, _A_TABLE[6])
-        err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), dt, ks, _E_ROW)
-        k_last = jax.tree.map(lambda k: k[6], ks)
+        if stage_loop:
+            ks = _stages(f, t, t_new, y, k1, dt, args)
+            y_new = _combine_stacked(y, dt, ks, _A_TABLE[6])
+            err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), dt, ks, _E_ROW)
+            k_last = jax.tree.map(lambda k: k[6], ks)
+        else:
+            ks = [k1]
+            for i in range(1, 7):
+                y_stage = _combine(y, dt, tuple(ks), _A[i])
+                t_stage = t_new if _C[i] == 1.0 else t + _C[i] * dt
+                ks.append(f(t_stage, y_stage, args))
+            y_new = y_stage  # the last stage is evaluated at the 5th-order solution (FSAL)
+            err = _combine(jax.tree.map(jnp.zeros_like, y), dt, tuple(ks), _E)
+            k_last = ks[6]
         err_norm = _rms_norm(_scaled(err, y, y_new, rtol, atol))
         ok = jnp.isfinite(err_norm)
         accept = ok & (err_norm <= 1.0)
@@ -371,6 +404,7 @@ def solve(
     steps: int | None = None,
     dt0=None,
     args=None,
+    stage_loop: bool | None = None,
 ) -> tuple[PyTree, dict]:
     """Integrates ``dy/dt = f(t, y, args)`` from ``t0`` to ``t1``.
 
@@ -386,6 +420,7 @@ def solve(
       steps: number of uniform steps (fixed-step methods only, required there).
       dt0: first step of the adaptive solver; ``None`` for automatic selection.
       args: passed through to ``f``.
+      stage_loop: adaptive only: the stages of a step in a loop or unrolled (see :func:`dopri5`).
 
     Returns:
       ``(y1, info)``; ``info`` has ``nfe``, ``steps``, ``accepted``, ``rejected``, ``success``
@@ -402,7 +437,9 @@ def solve(
     if method in ADAPTIVE:
         if steps is not None:
             raise ValueError(f"steps is for fixed-step methods; {method!r} chooses its own steps")
-        return dopri5(f, y0, t0, t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, args=args)
+        return dopri5(
+            f, y0, t0, t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, args=args, stage_loop=stage_loop
+        )
     if steps is None:
         raise ValueError(f"method {method!r} needs steps (the number of uniform steps)")
     return METHODS[method](f, y0, t0, t1, steps=steps, args=args)

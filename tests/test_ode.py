@@ -189,11 +189,12 @@ def test_compiles_once():
     assert len(traces) == 1
 
 
-def test_per_example_step_sizes_with_vmap():
+@pytest.mark.parametrize("stage_loop", [False, True])
+def test_per_example_step_sizes_with_vmap(stage_loop):
     rates = jnp.array([0.1, 1.0, 10.0, 30.0])
 
     def solve_one(y, k):
-        return ode.solve(decay, y, 0.0, 1.0, rtol=1e-6, atol=1e-6, args=k)
+        return ode.solve(decay, y, 0.0, 1.0, rtol=1e-6, atol=1e-6, args=k, stage_loop=stage_loop)
 
     y1, info = jax.jit(jax.vmap(solve_one))(jnp.ones(4), rates)
     assert info["nfe"].shape == (4,)
@@ -222,17 +223,37 @@ def test_argument_errors():
         ode.solve(decay, jnp.ones(2), 0.0, 1.0, steps=10)
 
 
-def test_vector_field_is_traced_once_per_step_not_per_stage():
-    # The six stages of a step share one traced copy of f (a fori_loop), so a large score network is
-    # compiled into the solve three times (first evaluation, first-step probe, step) instead of eight.
+@pytest.mark.parametrize("stage_loop, traces_auto_step, traces_given_step", [(True, 3, 2), (False, 8, 7)])
+def test_stage_loop_traces_the_vector_field_once_per_step(stage_loop, traces_auto_step, traces_given_step):
+    # In a loop, the six stages of a step share one traced copy of f, so a large score network is compiled into
+    # the solve three times (first evaluation, first-step probe, step) instead of eight.
     traces = []
 
     def f(t, y, args):
         traces.append(t)
         return -y
 
-    jax.jit(lambda y: ode.solve(f, y, 0.0, 1.0))(jnp.ones(3))
-    assert len(traces) == 3
+    jax.jit(lambda y: ode.solve(f, y, 0.0, 1.0, stage_loop=stage_loop))(jnp.ones(3))
+    assert len(traces) == traces_auto_step
     traces.clear()
-    jax.jit(lambda y: ode.solve(f, y, 0.0, 1.0, dt0=0.1))(jnp.ones(3))
-    assert len(traces) == 2
+    jax.jit(lambda y: ode.solve(f, y, 0.0, 1.0, dt0=0.1, stage_loop=stage_loop))(jnp.ones(3))
+    assert len(traces) == traces_given_step
+
+
+def test_stage_loop_is_chosen_by_the_size_of_the_field():
+    small = lambda t, y, args: -y  # noqa: E731
+
+    def large(t, y, args):
+        for _ in range(ode.STAGE_LOOP_MIN_OPS):
+            y = y * 0.999
+        return -y
+
+    assert ode._field_ops(small, 0.0, jnp.ones(3), None) < ode.STAGE_LOOP_MIN_OPS <= ode._field_ops(
+        large, 0.0, jnp.ones(3), None
+    )
+    for f in (small, large):
+        auto = jax.jit(lambda y, f=f: ode.solve(f, y, 0.0, 1.0))(jnp.ones(3))
+        for stage_loop in (True, False):
+            forced = jax.jit(lambda y, f=f, s=stage_loop: ode.solve(f, y, 0.0, 1.0, stage_loop=s))(jnp.ones(3))
+            np.testing.assert_allclose(forced[0], auto[0], rtol=1e-6)
+            assert int(forced[1]["nfe"]) == int(auto[1]["nfe"])
