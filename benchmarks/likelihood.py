@@ -54,21 +54,25 @@ def make_mixture(dim: int) -> GaussianMixture:
     return GaussianMixture([0.5, 0.3, 0.2], 0.7 * rng.normal(size=(3, dim)), covs)
 
 
-def best_time(fn, repeats: int, min_seconds: float = 0.05) -> float:
-    """Seconds per call: the best of ``repeats`` rounds, each of enough calls to last ``min_seconds``.
+def interleaved_times(fns: dict, repeats: int, min_seconds: float = 0.05) -> dict:
+    """Seconds per call of each function: the best of ``repeats`` rounds, each of enough calls to last ``min_seconds``.
 
-    Sub-millisecond solves are timed over many calls, so that timer and scheduler noise average out.
+    The rounds of the methods alternate, so a slow spell of the machine hits them all alike, and sub-millisecond
+    solves are timed over many calls, so that timer and scheduler noise average out.
     """
-    jax.block_until_ready(fn())
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    number = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
-    best = float("inf")
-    for _ in range(repeats):
+    numbers = {}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn())
         start = time.perf_counter()
-        for _ in range(number):
-            jax.block_until_ready(fn())
-        best = min(best, (time.perf_counter() - start) / number)
+        jax.block_until_ready(fn())
+        numbers[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(numbers[name]):
+                jax.block_until_ready(fn())
+            best[name] = min(best[name], (time.perf_counter() - start) / numbers[name])
     return best
 
 
@@ -163,26 +167,29 @@ def run_problem(dim: int, batch: int, trace: str, tols: list[float], tol_at: flo
     }
 
     for tol in tols:
+        runs = {}  # name -> (timed callable, logp, nfe, extra columns)
         for per_example in (False, True):
-            name = "jaxdiff_per_example" if per_example else "jaxdiff"
             run = lambda pe=per_example, tol=tol: log_likelihood(
                 jax.random.key(1), score_fn, sde, x, trace=trace, rtol=tol, atol=tol, eps=EPS, per_example_steps=pe
             )
             logp, info = jax.block_until_ready(run())
-            report(name, tol, logp, best_time(run, repeats), info["nfe"], success=bool(np.all(info["success"])))
+            name = "jaxdiff_per_example" if per_example else "jaxdiff"
+            runs[name] = (run, logp, info["nfe"], {"success": bool(np.all(info["success"]))})
 
-        logp, nfe = host_solve("RK45", tol, tol, np.float64)
-        seconds = best_time(lambda tol=tol: host_solve("RK45", tol, tol, np.float64), repeats)
-        report("scipy_rk45", tol, logp, seconds, nfe)
+        run = lambda tol=tol: host_solve("RK45", tol, tol, np.float64)
+        runs["scipy_rk45"] = (run, *run(), {})
 
         for name, fn in diffrax_variants.items():
             run = jax.jit(lambda fn=fn, tol=tol: fn(tol))
             logp = jax.block_until_ready(run())
-            seconds = best_time(run, repeats)
             counter.clear()
             jax.block_until_ready(jax.jit(lambda fn=fn, tol=tol: fn(tol, True))())
             jax.effects_barrier()
-            report(name, tol, logp, seconds, len(counter))
+            runs[name] = (run, logp, len(counter), {})
+
+        seconds = interleaved_times({name: r[0] for name, r in runs.items()}, repeats)
+        for name, (_, logp, nfe, extra) in runs.items():
+            report(name, tol, logp, seconds[name], nfe, **extra)
 
     print(json.dumps(summarize(rows, tol_at)), flush=True)
 
