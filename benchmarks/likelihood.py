@@ -22,7 +22,13 @@ log-density, for reference.
 The solvers do not make the same error at the same tolerance (their step-size controllers differ), so after each
 problem a summary line compares them twice: at the same tolerance (``--tol``, default 1e-5) and at the same
 accuracy, where a competitor's cost is its fastest run at least as accurate as jaxdiff's run at ``--tol`` (a
-work-precision comparison). Run:
+work-precision comparison).
+
+What bounds the ratio to scipy: the host loop pays a fixed cost per evaluation (a Python RK45 stage, a dispatch, two
+host copies), jaxdiff only the vector field itself. The speed-up is therefore large where the field is cheap beside
+that cost (the small problem here; on an accelerator, where every host round trip also synchronises the device, any
+problem) and falls towards the NFE ratio where the field's own arithmetic dominates (the 16-D problem on a CPU).
+Run:
 
     python benchmarks/likelihood.py                     # 2-D / 64 points and 16-D / 256 points, Hutchinson
     python benchmarks/likelihood.py --trace exact --problems 16:256
