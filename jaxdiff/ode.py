@@ -93,7 +93,7 @@ def _combine_stacked(y: PyTree, h, ks: PyTree, coeffs) -> PyTree:
 # A vector field of more operations than this (a score network) runs the stages of a step in a loop, traced and
 # compiled once; a smaller one is unrolled: a loop iteration costs microseconds on a CPU, several times a cheap
 # field's own cost, while compiling six copies of a network costs seconds to minutes.
-STAGE_LOOP_MIN_OPS = 500
+STAGE_LOOP_MIN_OPS = 100
 
 
 def _count_ops(jaxpr) -> int:
