@@ -90,9 +90,10 @@ def _combine_stacked(y: PyTree, h, ks: PyTree, coeffs) -> PyTree:
     return jax.tree.map(leaf, y, ks)
 
 
-# A vector field of more operations than this (a score network) runs the stages of a step in a loop, traced and
-# compiled once; a smaller one is unrolled: a loop iteration costs microseconds on a CPU, several times a cheap
-# field's own cost, while compiling six copies of a network costs seconds to minutes.
+# A vector field of at least this many operations runs the stages of a step in a loop, traced and compiled once:
+# compiling six copies of a score network costs seconds to minutes, and already for the likelihood's drift and
+# divergence of the mixture oracle (~150 operations) the loop ran faster on a CPU. A smaller field is unrolled: a
+# loop iteration costs microseconds there, several times a trivial field's own cost.
 STAGE_LOOP_MIN_OPS = 100
 
 
