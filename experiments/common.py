@@ -298,12 +298,10 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
 
     # Likelihood through the probability-flow ODE (eqs. 39-40), on held-out data.
     t0, lk = time.perf_counter(), jax.random.fold_in(key, 1)
-    # Per-example step sizes vmap the score over single examples, which labels bound in the score do not follow.
-    per_example = dict(per_example_steps=num_classes is None)
     if toy:
         batch = {k: v[: e.likelihood_examples] for k, v in test.batch(0).items()}
         data, score_fn = batch["x"], score_for(batch.get("label"))
-        logp, linfo = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, data, trace="exact", **per_example)
+        logp, linfo = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, data, trace="exact")
         summary["test_nll_nats"] = round(float(-jnp.mean(logp)), 4)
         density = None
         if e.density_grid and num_classes is None:
@@ -322,7 +320,7 @@ def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
         data, score_fn = batch["x"], score_for(batch.get("label"))
         bpd, linfo = jaxdiff.likelihood.bits_per_dim(lk, score_fn, sde, data, centered=config.data.centered,
                                                      num_probes=e.hutchinson_probes, rtol=e.ode_tol,
-                                                     atol=e.ode_tol, **per_example)  # fmt: skip
+                                                     atol=e.ode_tol)  # fmt: skip
         summary["test_bits_per_dim"] = round(float(jnp.mean(bpd)) + float(np.log2(info.num_levels / 256)), 4)
         summary["hutchinson_probes"] = e.hutchinson_probes
     summary.update(likelihood_examples=len(data), likelihood_nfe=int(linfo["nfe"]),

@@ -8,8 +8,9 @@ use, e.g. ``jaxdiff.likelihood.log_likelihood`` or ``from jaxdiff import train``
 
 import importlib
 
-from jaxdiff import oracle, samplers, sde
+from jaxdiff import oracle, per_example, samplers, sde
 from jaxdiff.oracle import GaussianMixture
+from jaxdiff.per_example import PerExample
 from jaxdiff.samplers import sample
 from jaxdiff.sde import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
@@ -43,7 +44,9 @@ __all__ = [
     "VESDE",
     "CosineVPSDE",
     "GaussianMixture",
+    "PerExample",
     "oracle",
+    "per_example",
     "sample",
     "samplers",
     "sde",

@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, Int
 from jaxdiff.models._embedding import EMBEDDING_TYPES, embed_noise
 from jaxdiff.oracle import GaussianMixture
 from jaxdiff.parameterization import noise_cond
+from jaxdiff.per_example import per_example, unwrap
 from jaxdiff.samplers import _common as C
 from jaxdiff.samplers.ode import probability_flow_drift
 from jaxdiff.samplers.pc import CORRECTORS, PREDICTORS, tweedie_denoise
@@ -68,7 +69,7 @@ ScoreFn = Callable[[Array, Array], Array]
 # Classifier guidance
 # ==========================================================================================================
 def _classifier_guided(score_fn, log_prob_y_fn, y, scale, x, t):
-    y = jnp.broadcast_to(y, x.shape[:1])
+    y = jnp.broadcast_to(unwrap(y), x.shape[:1])
 
     def log_p_y(x):  # summed over the batch: each example's gradient is its own
         return jnp.sum(jnp.take_along_axis(log_prob_y_fn(x, t), y[:, None], axis=-1))
@@ -101,7 +102,7 @@ def classifier_guided_score_fn(
         _classifier_guided,
         C.as_partial(score_fn),
         C.as_partial(log_prob_y_fn),
-        jnp.asarray(y, jnp.int32),
+        per_example(jnp.asarray(y, jnp.int32)),
         jnp.asarray(scale, jnp.float32),
     )
 

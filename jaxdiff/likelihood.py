@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, Real
 
+from jaxdiff.per_example import PerExample
 from jaxdiff.samplers import _common as C
 from jaxdiff.samplers.ode import match_batch_sharding, probability_flow_drift, solve_batch
 from jaxdiff.sde import SDE
@@ -83,16 +84,19 @@ def _log_likelihood(key, score_fn, sde, x, trace, noise, num_probes, eps, option
         probes = _probes(C.example_keys(key, batch), noise, num_probes, x.shape[1:])
 
     def field(t, y, args):
-        drift, div = _drift_and_divergence(score_fn, sde, y[0], t, args)
-        return drift, div
+        probes, score_fn = args
+        return _drift_and_divergence(score_fn, sde, y[0], t, None if probes is None else probes.value)
 
     y0 = (x, jnp.zeros((batch,), jnp.float32))
+    # The probes and any per-example leaves of the score function (labels) are split with the batch when every
+    # example takes its own steps.
+    args = (None if probes is None else PerExample(probes), score_fn)
     (z, delta), info = solve_batch(
         field,
         y0,
         eps,
         sde.T,
-        args=probes,
+        args=args,
         per_example_steps=per_example,
         rtol=rtol,
         atol=atol,

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 from jaxtyping import Array, Float
 
+from jaxdiff.per_example import per_example, unwrap
 from jaxdiff.sde import SDE, batch_broadcast
 
 __all__ = [
@@ -275,7 +276,11 @@ class ScoreModel:
 
     def __call__(self, params: PyTree, y, guidance_weight, x: Array, t: Array) -> Array:
         """The score; with ``guidance_weight``, classifier-free guidance (Ho & Salimans, 2022, eq. 6):
-        ``(1 + w) s(x, t, y) - w s(x, t, null)``, the null label being ``model.num_classes``."""
+        ``(1 + w) s(x, t, y) - w s(x, t, null)``, the null label being ``model.num_classes``.
+
+        Labels (and per-example weights) arrive wrapped in :class:`jaxdiff.PerExample`, so that per-example ODE
+        solves split them with the batch."""
+        y, guidance_weight = unwrap(y), unwrap(guidance_weight)
         score = self.predict(params, x, t, y=y)
         if guidance_weight is None:
             return score
@@ -324,4 +329,4 @@ def make_score_fn(
         if y is None or getattr(model, "num_classes", None) is None:
             raise ValueError("classifier-free guidance needs labels y and a class-conditional model")
         guidance_weight = jnp.asarray(guidance_weight, jnp.float32)
-    return Partial(ScoreModel(model, sde, p), params, y, guidance_weight)
+    return Partial(ScoreModel(model, sde, p), params, per_example(y), per_example(guidance_weight))

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
-from jaxdiff import VESDE, VPSDE, GaussianMixture, SubVPSDE
+from jaxdiff import VESDE, VPSDE, GaussianMixture, PerExample, SubVPSDE
+from jaxdiff.per_example import unwrap
 from jaxdiff.samplers.ode import decode, encode, ode_sample
 
 MIXTURE = GaussianMixture.grid(2, spacing=4.0, std=0.5)  # weights 0.1, 0.2, 0.3, 0.4
@@ -136,3 +138,25 @@ def test_argument_errors():
         ode_sample(key, score_fn, sde, (4, 2), eps=2.0)
     with pytest.raises(ValueError, match="shape"):
         ode_sample(key, score_fn, sde, (4,))
+
+
+def _class_gaussian_score(means, sigma0, sde, x, t):
+    """Exact score of the class-conditional marginal N(alpha m_y, (alpha^2 s0^2 + sigma^2) I), m_y per example."""
+    alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    return -(x - alpha * unwrap(means)) / (alpha**2 * sigma0**2 + sigma**2)
+
+
+def test_per_example_labels_inside_the_score_follow_the_batch():
+    # Each example takes its own steps (vmap over examples) and must see its own label, here a class mean.
+    sde, sigma0 = VPSDE(), 0.3
+    classes = jnp.array([[-2.0, 0.0], [2.0, 1.0]])
+    y = jnp.arange(2000) % 2
+    score_for = lambda labels: Partial(_class_gaussian_score, PerExample(classes[labels]), sigma0, sde)  # noqa: E731
+    x, info = ode_sample(jax.random.key(0), score_for(y), sde, (2000, 2), eps=EPS, rtol=1e-4, atol=1e-4)
+    assert bool(np.all(info["success"]))
+    for c in range(2):
+        xc = np.asarray(x)[np.asarray(y) == c]
+        np.testing.assert_allclose(xc.mean(0), classes[c], atol=0.05)  # 3 standard errors: 0.02
+        np.testing.assert_allclose(xc.std(0), sigma0, atol=0.03)
+    x5, _ = ode_sample(jax.random.key(0), score_for(y[:5]), sde, (5, 2), eps=EPS, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x5, x[:5], rtol=0, atol=1e-4)

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxdiff import ode
+from jaxdiff.per_example import PerExample, is_per_example
 from jaxdiff.samplers import _common as C
 from jaxdiff.sde import SDE, batch_broadcast
 
@@ -85,7 +86,9 @@ def solve_batch(
       y0: initial state at ``t0``.
       t0: initial time.
       t1: final time.
-      args: per-example constants of the vector field (batch-leading leaves), or ``None``.
+      args: constants of the vector field, or ``None``: leaves under a :class:`jaxdiff.PerExample` node lead
+        with the batch axis and are split with it (Hutchinson probes, class labels inside a score function);
+        the others (network parameters) are shared by every example.
       per_example_steps: one adaptive solve per example (``jax.vmap``) if true, otherwise one solve
         of the whole batch with a shared step size.
       method: a method of :func:`jaxdiff.ode.solve`.
@@ -99,16 +102,27 @@ def solve_batch(
     """
     first = jax.tree.leaves(y0)[0]
     batch = first.shape[0]
-    y0, args = match_batch_sharding((y0, args), first)
+    y0 = match_batch_sharding(y0, first)
+    args = jax.tree.map(
+        lambda n: PerExample(match_batch_sharding(n.value, first)) if is_per_example(n) else n,
+        args,
+        is_leaf=is_per_example,
+    )
     if per_example_steps:
+        expand = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
 
         def one(t, y, a):
-            expand = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
-            out = vector_field(jnp.reshape(t, (1,)), expand(y), expand(a))
+            # Each example sees its own slice of the per-example constants, as a batch of one.
+            a = jax.tree.map(
+                lambda n: PerExample(expand(n.value)) if is_per_example(n) else n, a, is_leaf=is_per_example
+            )
+            out = vector_field(jnp.reshape(t, (1,)), expand(y), a)
             return jax.tree.map(lambda leaf: leaf[0], out)
 
         solve_one = lambda y, a: ode.solve(one, y, t0, t1, method=method, steps=steps, args=a, **solver_kwargs)
-        solve_all = jax.vmap(solve_one)
+        # Split the per-example constants with the batch; the shared ones go to every example whole.
+        split = lambda on, off: jax.tree.map(lambda n: on if is_per_example(n) else off, args, is_leaf=is_per_example)
+        solve_all = jax.vmap(solve_one, in_axes=(0, split(0, None)))
         sharding = jax.typeof(first).sharding
         spec = tuple(sharding.spec)
         if spec and spec[0] is not None:
@@ -117,7 +131,7 @@ def solve_batch(
             solve_all = jax.shard_map(
                 solve_all,
                 mesh=sharding.mesh,
-                in_specs=PartitionSpec(spec[0]),
+                in_specs=(PartitionSpec(spec[0]), split(PartitionSpec(spec[0]), PartitionSpec())),
                 out_specs=PartitionSpec(spec[0]),
                 check_vma=False,
             )
@@ -137,13 +151,15 @@ def solve_batch(
 
 def _flow(score_fn, sde, x, t0, t1, options):
     method, steps, rtol, atol, max_steps, per_example = options
-    field = lambda t, y, _: probability_flow_drift(score_fn, sde, y, t)
+    # The score function travels as an argument, so that its per-example leaves (labels) are split with the batch.
+    field = lambda t, y, sf: probability_flow_drift(sf, sde, y, t)
     kwargs = {} if method not in ode.ADAPTIVE else {"rtol": rtol, "atol": atol, "max_steps": max_steps}
     return solve_batch(
         field,
         x.astype(jnp.float32),
         t0,
         t1,
+        args=score_fn,
         per_example_steps=per_example,
         method=method,
         steps=steps,
