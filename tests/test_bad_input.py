@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 import jaxdiff
+from jaxdiff import PerExample
 from jaxdiff.likelihood import bits_per_dim, log_likelihood
 from jaxdiff.models import DDPMpp, NCSNpp
 from jaxdiff.parallel import check_batch_size, make_mesh
@@ -71,6 +73,17 @@ CASES = [
         lambda: log_likelihood(KEY, lambda x, t: x.sum(-1), SDE, jnp.zeros((4, 2))),
         ValueError,
         "score_fn returned shape",
+    ),
+    (
+        "likelihood: per-example labels of another batch size",
+        lambda: log_likelihood(
+            KEY,
+            Partial(lambda m, x, t: -x + 0.0 * jnp.sum(m.value), PerExample(jnp.zeros((3,)))),
+            SDE,
+            jnp.zeros((4, 2)),
+        ),
+        ValueError,
+        r"PerExample array of shape \(3,\) must lead with the batch axis \(4\)",
     ),
     (
         "likelihood: unknown trace",
