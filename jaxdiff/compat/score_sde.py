@@ -1,0 +1,539 @@
+"""The reference score_sde implementation's checkpoints and configs, in jaxdiff.
+
+Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations", ICLR 2021, published
+its models as checkpoints of its JAX code (``yang-song/score_sde``): flax 0.3.1 msgpack files of ``run_lib``'s
+``State(step, optimizer, lr, model_state, ema_rate, params_ema, rng)``, with ``optimizer = {target, state}``.
+:func:`load_checkpoint` reads one with ``flax.serialization.msgpack_restore`` (no ``flax.optim``, no TensorFlow),
+matches its parameters to jaxdiff's NCSN++ / DDPM++ / DDPM networks by name, and reproduces the reference's
+``get_score_fn`` (its ``models/utils.py``), including what the reference network does that jaxdiff's leaves to
+its caller:
+
+* uncentred data (``data.centered = False``, the VE configs) enter the network as ``2 x - 1``;
+* continuous VP / sub-VP: ``score = -model(x, 999 t) / std(t)`` (sub-VP always so);
+* continuous VE: the network is fed ``sigma(t)`` (its Fourier features see ``log sigma``) and divides by it
+  when ``model.scale_by_sigma``;
+* discrete models take integer-valued labels: DDPM ``t (N - 1)`` with ``std = sqrt(1 - alphas_cumprod)`` at
+  ``int(t (N - 1))``; SMLD (discrete VE) ``round((T - t)(N - 1))``, counted from ``sigma_max``, dividing by
+  the ``label``-th of ``exp(linspace(log sigma_max, log sigma_min, N))``;
+* the DDPM network of Ho et al. (``model.name = 'ddpm'``) normalises with 32 groups, which jaxdiff's
+  ``min(C // 4, 32)`` groups equal only for ``C >= 128`` channels (``nf >= 128``, as in every published config).
+
+>>> ckpt = load_checkpoint("exp/ve/cifar10_ncsnpp_continuous/checkpoint_24.msgpack",
+...                        "configs/ve/cifar10_ncsnpp_continuous.py")  # doctest: +SKIP
+>>> score = ckpt.score_fn()(x, t)  # doctest: +SKIP  (equal to the reference's get_score_fn(...)(x, t))
+
+:meth:`ScoreSDECheckpoint.workdir` gives the same model in jaxdiff's own conventions (a config for
+``experiments/``, parameters for :func:`jaxdiff.parameterization.make_score_fn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+from ml_collections import ConfigDict
+
+from jaxdiff.compat import _score_sde_names as names
+from jaxdiff.models import get_model
+from jaxdiff.sde import SDE, VESDE, VPSDE, SubVPSDE
+
+__all__ = [
+    "ScoreSDECheckpoint",
+    "UnsupportedConfigError",
+    "CheckpointMismatchError",
+    "load_checkpoint",
+    "load_config",
+    "read_state",
+    "network",
+    "reference_sde",
+    "reference_score_fn",
+    "reference_network",
+    "to_reference_params",
+]
+
+PyTree = Any
+
+# Reference config.model keys and the values jaxdiff's networks can represent (None: any value).
+_FIXED = {"nonlinearity": "swish", "normalization": "GroupNorm", "conv_size": 3, "attention_type": "ddpm"}
+_MODEL_KEYS = {
+    *_FIXED,
+    *("name", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv", "conditional"),
+    *("fir", "fir_kernel", "skip_rescale", "resblock_type", "progressive", "progressive_input"),
+    *("progressive_combine", "embedding_type", "fourier_scale", "init_scale", "scale_by_sigma", "ema_rate"),
+    *("sigma_min", "sigma_max", "num_scales", "beta_min", "beta_max"),
+}
+_NCSNPP_KEYS = ("fir", "fir_kernel", "skip_rescale", "resblock_type", "progressive", "progressive_input")
+_NCSNPP_KEYS += ("progressive_combine", "embedding_type", "fourier_scale", "init_scale")
+_SDES = ("vesde", "vpsde", "subvpsde")
+_DATASETS = {"CIFAR10": ("cifar10", 32), "CELEBA": ("celeba", 64), "MNIST": ("mnist", 28)}
+_PREDICTORS = {"euler_maruyama": "euler_maruyama", "reverse_diffusion": "reverse_diffusion"}
+_PREDICTORS.update({"ancestral_sampling": "ancestral", "none": None})
+_CORRECTORS = {"langevin": "langevin", "ald": "ald", "none": None}
+
+
+class UnsupportedConfigError(ValueError):
+    """A reference config jaxdiff cannot represent; the one-line message names the key."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose parameters do not fit its config; the one-line message names the first ones."""
+
+
+def _fail(key: str, message: str):
+    raise UnsupportedConfigError(f"config.{key}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading: the reference config and the msgpack state
+# ----------------------------------------------------------------------------------------------------------
+def load_config(config: Any) -> ConfigDict:
+    """The reference ConfigDict from a ConfigDict, a dict, a JSON file or a reference config ``.py`` file.
+
+    A reference config file imports ``configs.default_*_configs``: put the score_sde repository root on
+    ``sys.path`` first.
+    """
+    if isinstance(config, ConfigDict):
+        return config
+    if isinstance(config, Mapping):
+        return ConfigDict(dict(config))
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise UnsupportedConfigError(f"reference config {path}: no such file")
+    if path.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"_score_sde_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+            return module.get_config()
+        except (ImportError, AttributeError, SyntaxError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UnsupportedConfigError(
+                f"reference config {path}: cannot load it ({type(e).__name__}: {first}); put the score_sde "
+                "repository root on sys.path (PYTHONPATH)"
+            ) from None
+    try:
+        with open(path) as f:
+            return ConfigDict(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedConfigError(f"reference config {path}: not JSON ({e})") from None
+
+
+def _get(config: ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            _fail(key, "missing (is this a score_sde config?)")
+        node = node[part]
+    return node
+
+
+def _checkpoint_file(path: str) -> str:
+    """``path`` itself, or the newest ``checkpoint_<n>`` in a directory."""
+    if os.path.isdir(path):
+        found = [f for f in os.listdir(path) if re.fullmatch(r"checkpoint_\d+", f)]
+        if not found:
+            raise CheckpointMismatchError(f"{path}: no checkpoint_<n> file in this directory")
+        path = os.path.join(path, max(found, key=lambda f: int(f.split("_")[1])))
+    return path
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """The reference ``State`` as nested dicts of numpy arrays (``optimizer``, ``params_ema``, ``step``, ...).
+
+    Args:
+      path: a ``checkpoint_<n>`` file, or a directory of them (the newest is read).
+    """
+    from flax import serialization
+
+    path = _checkpoint_file(os.fspath(path))
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        state = serialization.msgpack_restore(raw)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types for a file of another format
+        raise CheckpointMismatchError(f"{path}: not a msgpack checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "optimizer" not in state or "params_ema" not in state:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointMismatchError(f"{path}: not a score_sde State (no optimizer/params_ema; has {keys})")
+    if "target" not in state["optimizer"]:
+        raise CheckpointMismatchError(f"{path}: the optimizer has no target (keys {sorted(state['optimizer'])})")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The config: what network, SDE and score convention it describes
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything of a reference config that fixes the score function."""
+
+    model_name: str  # the reference's: 'ncsnpp' or 'ddpm'
+    kwargs: tuple  # jaxdiff network attributes, as sorted (name, value) pairs
+    sde: str
+    continuous: bool
+    centered: bool
+    embedding_type: str
+    scale_by_sigma: bool
+    shape: tuple[int, int, int]
+
+    @property
+    def ddpm(self) -> bool:
+        return self.model_name == "ddpm"
+
+
+def _spec(config: ConfigDict) -> _Spec:
+    m = _get(config, "model")
+    name = _get(config, "model.name")
+    if name not in ("ncsnpp", "ddpm"):
+        _fail("model.name", f"{name!r} is not supported (NCSN++/DDPM++ 'ncsnpp' and DDPM 'ddpm' are)")
+    for key in sorted(m):
+        if key not in _MODEL_KEYS:
+            _fail(f"model.{key}", f"unknown to jaxdiff's networks (value {m[key]!r})")
+        if key in _FIXED and str(m[key]) != str(_FIXED[key]):
+            _fail(f"model.{key}", f"{m[key]!r} is not supported (only {_FIXED[key]!r})")
+    sde = str(_get(config, "training.sde")).lower()
+    if sde not in _SDES:
+        _fail("training.sde", f"{sde!r} is not supported ({', '.join(_SDES)})")
+    continuous = bool(_get(config, "training.continuous"))
+    centered = bool(_get(config, "data.centered"))
+    scale_by_sigma = bool(_get(config, "model.scale_by_sigma"))
+    common = dict(
+        nf=int(_get(config, "model.nf")),
+        ch_mult=tuple(int(c) for c in _get(config, "model.ch_mult")),
+        num_res_blocks=int(_get(config, "model.num_res_blocks")),
+        attn_resolutions=tuple(int(r) for r in _get(config, "model.attn_resolutions")),
+        dropout=float(_get(config, "model.dropout")),
+        resamp_with_conv=bool(_get(config, "model.resamp_with_conv")),
+        conditional=bool(_get(config, "model.conditional")),
+    )
+    if name == "ddpm":
+        embedding = "positional"  # models/ddpm.py ignores model.embedding_type
+        kwargs = dict(common, resblock_type="ddpm", skip_rescale=False, fir=False, progressive="none",
+                      progressive_input="none", embedding_type="positional", init_scale=0.0)  # fmt: skip
+        channels = [common["nf"] * c for c in common["ch_mult"]]
+        if min(channels) < 128:
+            _fail("model.nf", f"{common['nf']} gives {min(channels)} channels; the DDPM network's GroupNorm has 32 "
+                  "groups, which jaxdiff's min(C // 4, 32) matches only from 128 channels")  # fmt: skip
+    else:
+        kwargs = dict(common, **{k: _get(config, f"model.{k}") for k in _NCSNPP_KEYS})
+        kwargs["fir_kernel"] = tuple(int(k) for k in kwargs["fir_kernel"])
+        kwargs["fourier_scale"] = float(kwargs["fourier_scale"])
+        embedding = str(kwargs["embedding_type"]).lower()
+    if embedding == "fourier" and not continuous:
+        _fail("model.embedding_type", "'fourier' needs training.continuous = True (as the reference asserts)")
+    if sde == "vesde" and continuous and embedding != "fourier":
+        _fail("model.embedding_type", f"{embedding!r} with a continuous VE SDE (the reference feeds sigma(t))")
+    if sde != "vesde" and scale_by_sigma:
+        _fail("model.scale_by_sigma", f"True with {sde} (the reference divides by the VE sigmas there)")
+    size, channels = int(_get(config, "data.image_size")), int(_get(config, "data.num_channels"))
+    return _Spec(name, tuple(sorted(kwargs.items())), sde, continuous, centered, embedding, scale_by_sigma,
+                 (size, size, channels))  # fmt: skip
+
+
+def network(config: Any) -> nn.Module:
+    """jaxdiff's network for a reference config (same parameters, same output on ``2 x - 1`` if uncentred)."""
+    spec = _spec(load_config(config))
+    return get_model("ddpmpp" if spec.ddpm else "ncsnpp", **dict(spec.kwargs))
+
+
+def reference_sde(config: Any) -> SDE:
+    """The forward SDE of a reference config (its ``model.sigma_*``, ``beta_*``, ``num_scales``)."""
+    config = load_config(config)
+    sde, n = str(_get(config, "training.sde")).lower(), int(_get(config, "model.num_scales"))
+    if sde == "vesde":
+        return VESDE(sigma_min=float(_get(config, "model.sigma_min")),
+                     sigma_max=float(_get(config, "model.sigma_max")), N=n)  # fmt: skip
+    cls = {"vpsde": VPSDE, "subvpsde": SubVPSDE}.get(sde)
+    if cls is None:
+        _fail("training.sde", f"{sde!r} is not supported ({', '.join(_SDES)})")
+    return cls(beta_min=float(_get(config, "model.beta_min")), beta_max=float(_get(config, "model.beta_max")), N=n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference score function
+# ----------------------------------------------------------------------------------------------------------
+def _sigmas(sde: SDE) -> jax.Array:
+    """The SMLD noise levels ``utils.get_sigmas``, from ``sigma_max`` down to ``sigma_min``."""
+    return jnp.exp(jnp.linspace(math.log(sde.sigma_max), math.log(sde.sigma_min), sde.N))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReferenceScore:
+    """``get_score_fn(sde, model, params, ..., continuous)`` of the reference (``models/utils.py``)."""
+
+    model: nn.Module
+    sde: SDE
+    spec: _Spec
+
+    def network(self, params: PyTree, x: jax.Array, labels: jax.Array) -> jax.Array:
+        """What the reference network returns for ``model.apply(variables, x, labels, train=False)``."""
+        spec = self.spec
+        h = x if spec.centered else 2.0 * x - 1.0  # the reference network maps [0, 1] data to [-1, 1] itself
+        if spec.embedding_type == "fourier":  # labels are sigma (VE) or 999 t (VP); the features see their log
+            cond, sigma = jnp.log(labels), labels
+        else:  # integer-valued labels; a discrete VE model divides by the labels-th SMLD sigma
+            cond = jnp.asarray(labels, x.dtype)
+            sigma = _sigmas(self.sde)[jnp.asarray(labels).astype(jnp.int32)] if spec.scale_by_sigma else None
+        out = self.model.apply({"params": params}, h, cond, train=False)
+        if spec.scale_by_sigma:
+            out = out / jnp.reshape(sigma, (-1,) + (1,) * (x.ndim - 1))
+        return out
+
+    def __call__(self, params: PyTree, x: jax.Array, t: jax.Array) -> jax.Array:
+        spec, sde = self.spec, self.sde
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+        if spec.sde == "vesde":
+            if spec.continuous:
+                labels = sde.sigma(t)
+            else:  # SMLD: label 0 is sigma_max
+                labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
+            return self.network(params, x, labels)
+        if spec.continuous or spec.sde == "subvpsde":
+            labels, std = 999.0 * t, sde.sigma(t)
+        else:  # DDPM's discrete chain: betas linspace(beta_min / N, beta_max / N, N)
+            labels = t * (sde.N - 1)
+            betas = jnp.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N)
+            std = jnp.sqrt(1.0 - jnp.cumprod(1.0 - betas))[labels.astype(jnp.int32)]
+        out = self.network(params, x, labels)
+        return -out / jnp.reshape(std, (-1,) + (1,) * (x.ndim - 1))
+
+
+def reference_network(model: nn.Module, params: PyTree, config: Any) -> Partial:
+    """``network(x, labels)``: the reference network's output (``model.apply(variables, x, labels)``).
+
+    ``labels`` are what the reference feeds: ``sigma(t)`` (continuous VE), ``999 t`` (continuous VP / sub-VP)
+    or the integer labels of discrete models.
+    """
+    config = load_config(config)
+    return Partial(_ReferenceScore(model, reference_sde(config), _spec(config)).network, params)
+
+
+def reference_score_fn(model: nn.Module, params: PyTree, config: Any) -> Partial:
+    """The reference's score function of a jaxdiff ``model`` with ``params``, as a ``score_fn(x, t)``.
+
+    ``x`` is in the reference's data range (``[0, 1]`` unless ``data.centered``) and ``t`` in ``[0, T]``; the
+    parameters are the leaves of the returned :class:`jax.tree_util.Partial`.
+    """
+    config = load_config(config)
+    return Partial(_ReferenceScore(model, reference_sde(config), _spec(config)), params)
+
+
+def to_reference_params(params: PyTree, config: Any) -> dict:
+    """jaxdiff ``params`` of :func:`network` renamed as the reference's checkpoint names them."""
+    return names.to_reference(jax.device_get(params), ddpm=_spec(load_config(config)).ddpm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ScoreSDECheckpoint:
+    """A reference checkpoint in jaxdiff.
+
+    Attributes:
+      model: jaxdiff's network (``NCSNpp`` / ``DDPMpp``), with the reference's architecture.
+      params: the optimiser's target (``State.optimizer.target``), in jaxdiff's names.
+      ema_params: ``State.params_ema`` (what the paper samples and evaluates with).
+      sde: the forward SDE as the reference defines it, on the reference's data range.
+      step: ``State.step``.
+      config: the equivalent jaxdiff config (sections ``data``, ``sde``, ``model``, ... of ``experiments/``),
+        or ``None`` where jaxdiff's own conventions cannot express the model (:meth:`workdir` says why).
+      reference_config: the reference ConfigDict.
+    """
+
+    model: nn.Module
+    params: PyTree
+    ema_params: PyTree
+    sde: SDE
+    step: int
+    config: ConfigDict | None
+    reference_config: ConfigDict
+
+    def score_fn(self, ema: bool = True) -> Partial:
+        """The reference's ``get_score_fn(sde, model, params, ..., train=False, continuous)`` as ``score_fn(x, t)``.
+
+        Args:
+          ema: use the EMA parameters (else the optimiser's target).
+        """
+        return reference_score_fn(self.model, self.ema_params if ema else self.params, self.reference_config)
+
+    def workdir(self, ema: bool = True) -> tuple[ConfigDict, PyTree]:
+        """``(config, params)`` in jaxdiff's conventions: ``make_score_fn`` on them is this model's score.
+
+        jaxdiff's networks take data as they are and are fed ``log sigma(t)`` (Fourier) or ``999 t``
+        (positional). The continuous models map onto that exactly:
+
+        * VP / sub-VP (centred data): unchanged, ``parameterization='eps'``;
+        * VE on uncentred data: the model is expressed in the coordinates its network sees, ``y = 2 x - 1``
+          (``data.centered = True``), where the SDE is the VE SDE with twice the sigmas and the score is half
+          the reference's. The network is then fed ``log(2 sigma)``; the Fourier features of ``log sigma`` are
+          a fixed rotation of those of ``log(2 sigma)``, folded into the first dense layer. Sampling and
+          bits/dim are unchanged by the change of coordinates, except that the VE prior ``N(0, sigma_max^2)``
+          is centred at ``y = 0`` rather than at the reference's ``x = 0``.
+
+        Raises:
+          UnsupportedConfigError: for the models that need the reference's own score function (discrete-time
+            models, Fourier features with a VP SDE).
+        """
+        return workdir_config(self.reference_config), _workdir_params(
+            self.ema_params if ema else self.params, _spec(self.reference_config)
+        )
+
+
+def load_checkpoint(path: str | os.PathLike, config: Any) -> ScoreSDECheckpoint:
+    """Loads a score_sde checkpoint with its config.
+
+    Args:
+      path: a reference ``checkpoint_<n>`` file (or a directory of them: the newest).
+      config: the reference config: a ``ml_collections.ConfigDict``, a dict, its JSON file, or a reference
+        config file (``configs/ve/cifar10_ncsnpp_continuous.py`` ...) with the reference repository on
+        ``sys.path``.
+
+    Returns:
+      A :class:`ScoreSDECheckpoint`.
+
+    Raises:
+      UnsupportedConfigError: a config jaxdiff cannot represent (the message names the key).
+      CheckpointMismatchError: parameters that do not fit the config (the message names the first ones).
+
+    Example:
+      >>> ckpt = load_checkpoint("checkpoints/checkpoint_1", "config.json")  # doctest: +SKIP
+      >>> x0, info = jaxdiff.sample(key, ckpt.score_fn(), ckpt.sde, (16, 32, 32, 3), method="pc")  # doctest: +SKIP
+    """
+    reference = load_config(config)
+    spec = _spec(reference)
+    model = network(reference)
+    x = jax.ShapeDtypeStruct((1, *spec.shape), jnp.float32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), x, jax.ShapeDtypeStruct((1,), jnp.float32))["params"]
+    state = read_state(path)
+    trees = {}
+    for field, tree in (("optimizer.target", state["optimizer"]["target"]), ("params_ema", state["params_ema"])):
+        problems = names.mismatches(tree, expected, ddpm=spec.ddpm)
+        if problems:
+            more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+            raise CheckpointMismatchError(
+                f"{os.fspath(path)}: {field} does not match the config: {'; '.join(problems[:2])}{more}"
+            )
+        trees[field] = jax.tree.map(jnp.asarray, names.from_reference(tree, expected, ddpm=spec.ddpm))
+    try:
+        jd_config = workdir_config(reference)
+    except UnsupportedConfigError:
+        jd_config = None
+    return ScoreSDECheckpoint(
+        model=model,
+        params=trees["optimizer.target"],
+        ema_params=trees["params_ema"],
+        sde=reference_sde(reference),
+        step=int(np.asarray(state["step"])),
+        config=jd_config,
+        reference_config=reference,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jaxdiff's own conventions: the config and parameters of a work directory
+# ----------------------------------------------------------------------------------------------------------
+def _check_workdir(spec: _Spec) -> None:
+    if not spec.continuous:
+        _fail("training.continuous", "False: discrete-time models need the reference's score function "
+              "(ScoreSDECheckpoint.score_fn); jaxdiff's configs are continuous-time")  # fmt: skip
+    if spec.sde != "vesde" and spec.embedding_type == "fourier":
+        _fail("model.embedding_type", f"'fourier' with {spec.sde}: jaxdiff feeds Fourier features log sigma(t)")
+    if spec.sde != "vesde" and not spec.centered:
+        _fail("data.centered", f"False with {spec.sde}: not a {spec.sde} in the network's coordinates 2 x - 1")
+    if spec.sde == "vesde" and not spec.centered and not spec.scale_by_sigma:
+        _fail("model.scale_by_sigma", "False with uncentred VE data is not expressible in jaxdiff's conventions")
+
+
+def _rescales(spec: _Spec) -> bool:
+    """Whether the model is re-expressed in the network's coordinates ``y = 2 x - 1``."""
+    return spec.sde == "vesde" and not spec.centered
+
+
+def _workdir_params(params: PyTree, spec: _Spec) -> PyTree:
+    _check_workdir(spec)
+    if not _rescales(spec):
+        return params
+    # jaxdiff feeds log(2 sigma) = log(sigma) + log 2. With a = 2 pi W, the reference's features are
+    # [sin(a s), cos(a s)] = R(a log 2) [sin(a s'), cos(a s')] for s' = s + log 2: fold R into temb_dense_0.
+    w = np.asarray(params["fourier_proj"]["W"], np.float64)
+    theta = (2 * np.pi * w * math.log(2.0))[:, None]
+    kernel = np.asarray(params["temb_dense_0"]["kernel"], np.float64)
+    k_sin, k_cos = kernel[: len(w)], kernel[len(w) :]
+    folded = np.concatenate(
+        [np.cos(theta) * k_sin + np.sin(theta) * k_cos, -np.sin(theta) * k_sin + np.cos(theta) * k_cos]
+    )
+    out = jax.tree.map(lambda a: a, dict(params))
+    out["temb_dense_0"] = dict(params["temb_dense_0"], kernel=jnp.asarray(folded, jnp.float32))
+    return out
+
+
+def workdir_config(config: Any) -> ConfigDict:
+    """The jaxdiff config (the sections of ``experiments/configs/*.py``) equivalent to a reference config.
+
+    Raises:
+      UnsupportedConfigError: see :meth:`ScoreSDECheckpoint.workdir`.
+    """
+    ref = load_config(config)
+    spec = _spec(ref)
+    _check_workdir(spec)
+    scale = 2.0 if _rescales(spec) else 1.0
+    dataset = str(_get(ref, "data.dataset"))
+    if dataset.upper() not in _DATASETS:
+        _fail("data.dataset", f"{dataset!r}: jaxdiff reads {', '.join(_DATASETS)} (others as an image_folder)")
+    name, native = _DATASETS[dataset.upper()]
+    tr, sa, op = ref.training, ref.sampling, ref.optim
+
+    c = ConfigDict()
+    c.name = f"score_sde_{dataset.lower()}_{spec.sde}_{spec.model_name}"
+    c.seed = int(ref.get("seed", 42))
+    c.data = ConfigDict(dict(dataset=name, image_size=None if spec.shape[0] == native else spec.shape[0],
+                             centered=True if scale == 2.0 else spec.centered,
+                             random_flip=bool(ref.data.get("random_flip", True)),
+                             dequantize=bool(ref.data.get("uniform_dequantization", False))))  # fmt: skip
+    c.sde = ConfigDict(dict(name=spec.sde, beta_min=float(ref.model.beta_min), beta_max=float(ref.model.beta_max),
+                            sigma_min=scale * float(ref.model.sigma_min), sigma_max=scale * float(ref.model.sigma_max),
+                            num_scales=int(ref.model.num_scales)))  # fmt: skip
+    c.model = ConfigDict(dict(spec.kwargs))
+    c.model.name = "ddpmpp" if spec.ddpm else "ncsnpp"
+    c.model.parameterization = "score" if spec.sde == "vesde" else "eps"
+    c.model.scale_by_sigma = spec.scale_by_sigma
+    c.model.ema_rate = float(ref.model.ema_rate)
+    c.training = ConfigDict(dict(batch_size=int(tr.batch_size), n_iters=int(tr.n_iters), continuous=True,
+                                 reduce_mean=bool(tr.reduce_mean), likelihood_weighting=bool(tr.likelihood_weighting),
+                                 importance_sampling=False, label_dropout=0.0, log_every=int(tr.get("log_freq", 50)),
+                                 save_every=int(tr.get("snapshot_freq_for_preemption", 10000)), keep=3,
+                                 progress_bar=True))  # fmt: skip
+    c.optim = ConfigDict(dict(optimizer=str(op.optimizer).lower(), lr=float(op.lr), warmup=int(op.warmup),
+                              grad_clip=float(op.grad_clip), beta1=float(op.beta1), eps=float(op.eps),
+                              weight_decay=float(op.weight_decay)))  # fmt: skip
+    # run_lib samples from t = 1e-3 (VP, sub-VP) or 1e-5 (VE) with N = num_scales steps.
+    eps = 1e-5 if spec.sde == "vesde" else 1e-3
+    if str(sa.get("method", "pc")).lower() == "ode":
+        method, options = "ode", dict(rtol=1e-5, atol=1e-5, eps=eps, denoise=bool(sa.get("noise_removal", True)))
+    else:
+        predictor, corrector = str(sa.get("predictor", "none")).lower(), str(sa.get("corrector", "none")).lower()
+        if predictor not in _PREDICTORS:
+            _fail("sampling.predictor", f"{predictor!r} is not supported ({', '.join(_PREDICTORS)})")
+        if corrector not in _CORRECTORS:
+            _fail("sampling.corrector", f"{corrector!r} is not supported ({', '.join(_CORRECTORS)})")
+        method = "pc"
+        options = dict(predictor=_PREDICTORS[predictor], corrector=_CORRECTORS[corrector], snr=float(sa.snr),
+                       corrector_steps=int(sa.get("n_steps_each", 1)), eps=eps,
+                       denoise=bool(sa.get("noise_removal", True)))  # fmt: skip
+    c.sampling = ConfigDict(dict(method=method, steps=int(ref.model.num_scales), options=ConfigDict(options)))
+    c.eval = ConfigDict(dict(enabled=True, num_samples=64, grid_size=64, likelihood_examples=256,
+                             hutchinson_probes=1, ode_tol=1e-5, density_grid=0, plot_range=(-3.0, 3.0),
+                             quality=False))  # fmt: skip
+    return c
