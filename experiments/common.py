@@ -11,18 +11,17 @@ A config (``experiments/configs/*.py``) has the sections ``data``, ``sde``, ``mo
 
 and :func:`load_workdir` reads back what ``train.py`` wrote. Every problem with a config or a work directory is
 a :class:`ConfigError` whose one-line message names the key; :func:`run_main` turns it (and a bad flag) into
-that line on stderr and exit code 2.
+that line on stderr and exit code 2, and any other failure into one line and a non-zero code. The work
+directory's integrity (lock, config check, checkpoint fallback) is in ``workdir.py``; the evaluation protocol
+shared by ``train.py`` and ``evaluate.py`` in ``evaluation.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from absl import flags
@@ -146,54 +145,124 @@ def build_optimizer(config: ConfigDict):
 
 
 def load_workdir(workdir: str):
-    """Reads ``WORKDIR/config.json`` and the newest EMA parameters in ``WORKDIR/checkpoints``.
+    """Reads a run back: ``WORKDIR/config.json`` and the EMA parameters of the newest readable checkpoint.
+
+    Unreadable newer checkpoints are skipped and named (the fallback ``train.py`` uses); a missing or torn
+    ``config.json`` falls back to the config saved with the checkpoint; non-finite parameters are refused.
+    See :func:`workdir.load_run`.
 
     Returns:
       ``(config, params, step)``.
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--workdir {workdir}: no config.json (write one with experiments/train.py)")
-    with open(path) as f:
-        config = validate(ConfigDict(json.load(f)))
-    ckpt = jaxdiff.checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"--workdir {workdir}: no checkpoint in {ckpt.directory}")
-    return config, ckpt.restore_ema(step), step
+    import workdir as workdir_lib
+
+    return workdir_lib.load_run(workdir)
+
+
+def _flag_value(argv, name: str) -> str | None:
+    """The value of ``--name=V`` or ``--name V`` in ``argv`` (the last one), or ``None``."""
+    value = None
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _unknown_config_key(argv) -> str | None:
+    """The first ``--config.KEY`` override whose key the config file lacks, with the nearest valid key."""
+    import difflib
+    import importlib.util
+
+    path = _flag_value(argv, "config")
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("_config_for_message", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception:  # noqa: BLE001 - the message falls back to the raw key
+        return None
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        key = a[len("--config.") :].split("=", 1)[0]
+        node, done = config, []
+        for part in key.split("."):
+            if not isinstance(node, ConfigDict):
+                break
+            if part not in node:
+                here = ".".join(done)
+                near = difflib.get_close_matches(part, list(node.keys()), n=1)
+                hint = f"; did you mean {'.'.join([*done, near[0]])}?" if near else ""
+                valid = ", ".join(sorted(node.keys()))
+                return f"unknown config key {key} (no {part!r} in {here or 'the config'}: {valid}){hint}"
+            node = node[part]
+            done.append(part)
+    return None
 
 
 def parse_flags(argv, flag_values=flags.FLAGS) -> None:
     """Parses ``argv`` (program name first); a bad flag or config override becomes a :class:`ConfigError`."""
+    argv = list(argv)
+    script = os.path.basename(argv[0]) if argv else "this script"
+    path = _flag_value(argv, "config")
+    if "config" in flag_values and path is not None and not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file (the configs are in experiments/configs/)")
     try:
         flag_values.unparse_flags()
-        flag_values(list(argv))
+        flag_values(argv)
     except flags.Error as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        first = str(e).splitlines()[0]
+        if "config" not in flag_values and any(a.startswith("--config") for a in argv):
+            raise ConfigError(
+                f"--config: {script} reads the run's config from WORKDIR/config.json; pass --workdir alone "
+                "(and this script's own flags, see --help)"
+            ) from None
+        if "config" in flag_values and "'config." in first:
+            raise ConfigError(_unknown_config_key(argv) or first) from None
+        raise ConfigError(first) from None
     except AttributeError as e:  # ml_collections: an override of a key the config does not have
-        name = str(e).strip("\"'")
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
-        raise ConfigError(f"unknown config key {bad[0][2:] if bad else name!r}") from None
+        raise ConfigError(_unknown_config_key(argv) or f"unknown config key ({str(e).splitlines()[0]})") from None
     if "config" in flag_values:
         try:
             config = flag_values.config
             if config is None:
                 raise ConfigError("--config is required (a file in experiments/configs/)")
             config.keys()
-        except (AttributeError, OSError, ImportError, SyntaxError) as e:
-            path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config file")
-            raise ConfigError(f"--config: cannot load {path} ({type(e).__name__})") from None
+        except (AttributeError, OSError, ImportError, SyntaxError, NameError) as e:
+            raise ConfigError(f"--config {path or ''}: cannot load it ({type(e).__name__})") from None
     if "workdir" in flag_values and not flag_values.workdir:
         raise ConfigError("--workdir is required")
 
 
 def run_main(main, argv=None) -> int:
-    """Runs ``main(argv)``; a :class:`ConfigError` is printed as one line and gives exit code 2."""
+    """Runs ``main(argv)`` and turns every failure into one line on stderr and a non-zero exit code.
+
+    Exit codes: 2 for a bad argument, config or work directory (:class:`ConfigError`), 3 for a result refused
+    as non-finite (``workdir.Refused``), 1 for a failed read or write (a full or read-only disk) or anything
+    unexpected (``JAXDIFF_TRACEBACK=1`` shows its traceback).
+    """
     try:
         return main(sys.argv if argv is None else argv) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or str(e).splitlines()[0]}{where}; files written before are kept", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        if type(e).__name__ == "Refused":
+            print(f"refused: {e}", file=sys.stderr)
+            return getattr(e, "code", 3)
+        if os.environ.get("JAXDIFF_TRACEBACK"):
+            raise
+        text = (str(e).splitlines() or [""])[0][:300]
+        print(f"error: {type(e).__name__}: {text} (JAXDIFF_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,116 +311,3 @@ def save_toy_plot(path: str, samples, data, *, density=None, title: str | None =
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def plot_losses(workdir: str) -> None:
-    """``loss.png`` from ``metrics.jsonl``."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="step", ylabel="loss (mean over the log interval)", yscale="log")
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "loss.png"), dpi=90)
-    plt.close(fig)
-
-
-def draw_samples(config: ConfigDict, score_fn, sde, shape, key, *, method=None, steps=None, **options):
-    """Samples with ``config.sampling`` (or the given method); returns ``(x, nfe, seconds)``."""
-    s = config.sampling
-    method = method or s.method
-    opts = dict(s.options) if method == s.method else {}
-    opts.update(options)
-    t0 = time.perf_counter()
-    x, info = jaxdiff.sample(key, score_fn, sde, shape, method=method, steps=steps or s.steps, **opts)
-    x = np.asarray(jax.block_until_ready(x))
-    return x, int(info["nfe"]), time.perf_counter() - t0
-
-
-def evaluate(config: ConfigDict, workdir: str, params, *, step: int) -> dict:
-    """The end-of-run evaluation of ``config.eval``; returns the summary."""
-    e = config.eval
-    sde, model = build_sde(config), build_model(config)
-    num_classes = getattr(model, "num_classes", None)
-
-    def score_for(labels):  # a class-conditional model is evaluated with labels (unguided)
-        y = None if num_classes is None else jnp.asarray(labels, jnp.int32)
-        return build_score_fn(config, sde, model, params, y=y)
-
-    test = build_dataset(
-        config, "test", batch_size=max(e.num_samples, e.likelihood_examples), shuffle=True, drop_remainder=False
-    )
-    info, key = test.info, jax.random.key(config.seed + 1)
-    summary = {"config": config.get("name", config.data.dataset), "step": step}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        summary["final_loss"] = round([json.loads(line) for line in f if line.strip()][-1]["loss"], 5)
-    plot_losses(workdir)
-
-    shape = (e.num_samples, *info.shape)
-    labels = np.arange(e.num_samples) % (num_classes or 1)  # every class in turn
-    x, nfe, secs = draw_samples(config, score_for(labels), sde, shape, jax.random.fold_in(key, 0))
-    summary.update(sampler=config.sampling.method, sampler_nfe=nfe, sampling_s=round(secs, 1))
-    title = f"{config.sampling.method}, NFE {nfe}, step {step}"
-    toy = config.data.dataset in TOY_DATASETS
-    if not toy:
-        save_image_grid(os.path.join(workdir, "samples.png"), to_unit_range(config, x[: e.grid_size]), title=title)
-
-    # Likelihood through the probability-flow ODE (eqs. 39-40), on held-out data.
-    t0, lk = time.perf_counter(), jax.random.fold_in(key, 1)
-    if toy:
-        batch = {k: v[: e.likelihood_examples] for k, v in test.batch(0).items()}
-        data, score_fn = batch["x"], score_for(batch.get("label"))
-        logp, linfo = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, data, trace="exact")
-        summary["test_nll_nats"] = round(float(-jnp.mean(logp)), 4)
-        density = None
-        if e.density_grid and num_classes is None:
-            xs = np.linspace(*e.plot_range, e.density_grid, dtype=np.float32)
-            grid = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
-            logp_grid, _ = jaxdiff.likelihood.log_likelihood(lk, score_fn, sde, grid, trace="exact", rtol=1e-3,
-                                                             atol=1e-3)  # fmt: skip
-            density = (xs, xs, np.exp(np.asarray(logp_grid)).reshape(len(xs), len(xs)))
-        save_toy_plot(os.path.join(workdir, "samples.png"), x, data, density=density, title=title, lim=e.plot_range)
-    else:
-        # Uniformly dequantised test images in [0, 1]; bits_per_dim's offset is for 256 levels, so
-        # log2(L / 256) converts it to the data's own L levels (17 for digits).
-        batch = build_dataset(
-            config, "test", batch_size=e.likelihood_examples, centered=False, dequantize=True, drop_remainder=False
-        ).batch(0)
-        data, score_fn = batch["x"], score_for(batch.get("label"))
-        bpd, linfo = jaxdiff.likelihood.bits_per_dim(lk, score_fn, sde, data, centered=config.data.centered,
-                                                     num_probes=e.hutchinson_probes, rtol=e.ode_tol,
-                                                     atol=e.ode_tol)  # fmt: skip
-        summary["test_bits_per_dim"] = round(float(jnp.mean(bpd)) + float(np.log2(info.num_levels / 256)), 4)
-        summary["hutchinson_probes"] = e.hutchinson_probes
-    summary.update(likelihood_examples=len(data), likelihood_nfe=int(linfo["nfe"]),
-                   likelihood_s=round(time.perf_counter() - t0, 1))  # fmt: skip
-
-    if e.quality and not toy:
-        summary.update(sample_quality(config, x, test.batch(0)["x"]))
-    return summary
-
-
-def sample_quality(config: ConfigDict, samples, reference) -> dict:
-    """FID / KID / classifier score from :mod:`jaxdiff.metrics` (digits classifier), when available."""
-    try:
-        from jaxdiff import metrics
-    except ImportError:
-        print("sample quality: skipped (jaxdiff.metrics is not available in this installation)")
-        return {}
-    if config.data.dataset != "digits":
-        print(f"sample quality: skipped (the metrics' classifier is for digits, not {config.data.dataset})")
-        return {}
-    scores = metrics.evaluate_samples(  # images in [-1, 1]
-        2 * to_unit_range(config, samples) - 1, 2 * to_unit_range(config, reference) - 1, metrics.digits_classifier()
-    )
-    return {k: round(float(v), 4) for k, v in dict(scores).items() if np.ndim(v) == 0}
-
-
-def write_summary(workdir: str, summary: dict) -> None:
-    """Prints the summary as a table and writes ``summary.json``."""
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    width = max(map(len, summary))
-    print("\n".join(["", f"{'summary':<{width}}  {workdir}", "-" * (width + 30)]))
-    for k, v in summary.items():
-        print(f"{k:<{width}}  {v}")

@@ -3,8 +3,8 @@
     python experiments/edit.py --workdir runs/digits --task inpaint --mask center
     python experiments/edit.py --workdir runs/cifar10 --task colorize --method ode --steps 200
 
-Reads ``WORKDIR/config.json`` and the newest EMA parameters of ``WORKDIR/checkpoints`` (written by
-``experiments/train.py``) and writes ``WORKDIR/edit_<task>[_<mask>].png``: per test image the original, the input
+Reads the run with the same fallback as ``train.py`` (the newest readable checkpoint of ``WORKDIR/checkpoints``;
+unreadable newer ones are named) and writes ``WORKDIR/edit_<task>[_<mask>].png``: per test image the original, the input
 (masked, or grayscale) and the result.
 """
 
@@ -16,6 +16,7 @@ import sys
 import common
 import jax
 import numpy as np
+import workdir as wd
 from absl import flags
 
 from jaxdiff import guidance
@@ -57,6 +58,8 @@ def main(argv):
     score_fn = common.build_score_fn(config, sde, model, params)
     data = common.build_dataset(config, "test", batch_size=FLAGS.num_images, shuffle=False, random_flip=False)
     x = np.asarray(data.batch(0)["x"], np.float32)
+    name = f"edit_inpaint_{FLAGS.mask}.png" if FLAGS.task == "inpaint" else "edit_colorize.png"
+    wd.check_output(os.path.join(FLAGS.workdir, name), "--workdir")
     key = jax.random.key(FLAGS.seed)
     options = dict(method=FLAGS.method, steps=FLAGS.steps)
 
@@ -66,17 +69,16 @@ def main(argv):
             out, info = guidance.inpaint(jax.random.fold_in(key, 0), score_fn, sde, x, mask, **options)
             low = -1.0 if config.data.centered else 0.0  # unknown pixels shown black
             shown = np.where(np.asarray(mask) > 0, x, low)
-            name = f"edit_inpaint_{FLAGS.mask}.png"
         else:
             if x.shape[-1] != 3:
                 raise common.ConfigError(f"--task colorize needs RGB images; {config.data.dataset} has {x.shape[-1]}")
             gray = guidance.grayscale(x)
             out, info = guidance.colorize(jax.random.fold_in(key, 0), score_fn, sde, gray, **options)
             shown = np.repeat(np.asarray(gray), 3, axis=-1)
-            name = "edit_colorize.png"
     except ValueError as e:
         raise common.ConfigError(str(e).splitlines()[0]) from None
 
+    wd.require_finite(out, info, f"{FLAGS.task} of {len(x)} images")
     path = os.path.join(FLAGS.workdir, name)
     columns = {"original": x, "input": shown, "result": np.asarray(out)}
     save_panel(path, {k: common.to_unit_range(config, v) for k, v in columns.items()})

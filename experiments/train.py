@@ -18,15 +18,16 @@ with ``--nonfinite=skip`` it counts such steps (``skipped`` in ``metrics.jsonl``
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 
 import common
+import evaluation
 import jax
 import jax.numpy as jnp
+import workdir as wd
 from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -39,6 +40,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (experiments/configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "output directory (created; an existing run is resumed)")
 flags.DEFINE_enum("nonfinite", "stop", ["stop", "skip"], "on a non-finite loss or gradient: stop, or skip the step")
+flags.DEFINE_bool("restart", False, "when every checkpoint is unreadable: move them aside and train from step 0")
 
 
 class Stop(Exception):
@@ -57,8 +59,12 @@ def _signals_to_flag():
     return received
 
 
-def train(config, workdir: str, nonfinite: str = "stop"):
-    """Runs ``config.training.n_iters`` steps from the newest checkpoint in ``workdir``; returns the state."""
+def train(config, workdir: str, nonfinite: str = "stop", restart: bool = False):
+    """Runs ``config.training.n_iters`` steps from the newest readable checkpoint in ``workdir``.
+
+    Returns:
+      ``(state, last metrics row or None)``.
+    """
     sde, model = common.build_sde(config), common.build_model(config)
     data = common.build_dataset(config, "train")
     t = config.training
@@ -67,71 +73,114 @@ def train(config, workdir: str, nonfinite: str = "stop"):
     sample = jax.ShapeDtypeStruct((t.batch_size, *data.info.shape), jnp.float32)
     state = create_train_state(jax.random.key(config.seed), model, sample, tx, mesh=mesh)
     step_fn = make_train_step(common.build_loss_fn(config, sde, model), tx, ema_rate=config.model.ema_rate, mesh=mesh)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+    wd.check_free_space(workdir, (t.keep + 1) * state_bytes + 10_000_000, f"keeping {t.keep} checkpoints")
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep)
-    state = ckpt.restore_latest(state)
-    start = int(state.step)
-    if start:
-        data.restore(ckpt.metadata()["data"])  # the data order continues where it stopped
+    state, start = resume(ckpt, state, data, workdir, restart)
     keys = ["x", "label"] if getattr(model, "num_classes", None) is not None else ["x"]
     put = (lambda b: shard_batch(mesh, b)) if mesh is not None else (lambda b: jax.tree.map(jnp.asarray, b))
+    metadata = lambda: {"data": data.state, "config": wd.config_dict(config)}  # noqa: E731
 
     received = _signals_to_flag()
-    bar = tqdm(total=t.n_iters, initial=start, unit="step", dynamic_ncols=True, disable=not t.progress_bar)
-    pending, tick, tick_step = [], time.perf_counter(), start
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
-        for step in range(start + 1, t.n_iters + 1):
-            batch = next(data)
-            state, metrics = step_fn(state, put({k: batch[k] for k in keys}))
-            pending.append(metrics)
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.n_iters:
-                pending = jax.device_get(pending)  # one host round trip per log interval
-                now = time.perf_counter()
-                bad = [step - len(pending) + 1 + i for i, m in enumerate(pending) if not m["finite"]]
-                if bad and nonfinite == "stop":
-                    # The bad steps changed nothing: the state is the last good one. Keep it and stop.
-                    ckpt.save(step, state, metadata={"data": data.state})
-                    ckpt.close()
-                    raise Stop(f"non-finite loss or gradient at step {bad[0]}; last good state saved as "
-                               f"checkpoint {step} in {ckpt.directory}", 3)  # fmt: skip
-                row = dict(step=step, loss=float(sum(m["loss"] for m in pending) / len(pending)),
-                           grad_norm=float(pending[-1]["grad_norm"]), lr=float(pending[-1]["learning_rate"]),
-                           steps_per_s=round((step - tick_step) / (now - tick), 3),
-                           skipped=int(state.skipped))  # fmt: skip
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4g}")
-                pending, tick, tick_step = [], now, step
-            if ckpt.should_save(step) or step == t.n_iters or received:
-                ckpt.save(step, state, metadata={"data": data.state})
-            if received:
-                bar.close()
+    terminal = t.progress_bar and sys.stderr.isatty()  # carriage-return updates only on a terminal
+    bar = tqdm(total=t.n_iters, initial=start, unit="step", dynamic_ncols=True, disable=not terminal)
+    pending, tick, tick_step, row = [], time.perf_counter(), start, None
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    for step in range(start + 1, t.n_iters + 1):
+        batch = next(data)
+        state, metrics = step_fn(state, put({k: batch[k] for k in keys}))
+        pending.append(metrics)
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.n_iters:
+            pending = jax.device_get(pending)  # one host round trip per log interval
+            now = time.perf_counter()
+            bad = [step - len(pending) + 1 + i for i, m in enumerate(pending) if not m["finite"]]
+            if bad and nonfinite == "stop":
+                # The bad steps changed nothing: the state is the last good one. Keep it and stop.
+                ckpt.save(step, state, metadata=metadata())
                 ckpt.close()
-                raise Stop(f"stopped by signal {received[0]} at step {step}; checkpoint saved in {ckpt.directory}",
-                           128 + received[0])  # fmt: skip
+                raise Stop(f"non-finite loss or gradient at step {bad[0]}; last good state saved as "
+                           f"checkpoint {step} in {ckpt.directory}", 3)  # fmt: skip
+            row = dict(step=step, loss=float(sum(m["loss"] for m in pending) / len(pending)),
+                       grad_norm=float(pending[-1]["grad_norm"]), lr=float(pending[-1]["learning_rate"]),
+                       steps_per_s=round((step - tick_step) / (now - tick), 3),
+                       skipped=int(state.skipped))  # fmt: skip
+            wd.append_jsonl(log_path, row)  # reopened per row: a deleted or rotated file is recreated
+            if terminal:
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+            else:
+                print(f"step {step}/{t.n_iters}  loss {row['loss']:.4g}  {row['steps_per_s']:.3g} steps/s", flush=True)
+            pending, tick, tick_step = [], now, step
+        if ckpt.should_save(step) or step == t.n_iters or received:
+            ckpt.save(step, state, metadata=metadata())
+        if received:
+            bar.close()
+            ckpt.close()
+            raise Stop(f"stopped by signal {received[0]} at step {step}; checkpoint saved in {ckpt.directory}",
+                       128 + received[0])  # fmt: skip
+    if int(state.step) == t.n_iters and ckpt.latest_step() != t.n_iters:
+        ckpt.save(t.n_iters, state, metadata=metadata())  # e.g. resumed at n_iters, whose checkpoint was moved aside
     bar.close()
     ckpt.close()
-    return state
+    return state, row
+
+
+def resume(ckpt: Checkpointer, state, data, workdir: str, restart: bool):
+    """The state and data position of the newest readable checkpoint, both from that one checkpoint.
+
+    Unreadable newer checkpoints are moved aside to ``checkpoints/corrupt-<step>`` (never deleted) and named. If
+    checkpoints exist and none reads, the run is refused, unless ``restart`` asks to start again from step 0 (the
+    unreadable ones are moved aside and ``metrics.jsonl`` to ``metrics-before-restart-<time>.jsonl``).
+    """
+    found = ckpt.restore_newest(state)
+    if found.step is None and found.unreadable and not restart:
+        names = "; ".join(f"{s} ({why[:80]})" for s, why in found.unreadable)
+        raise common.ConfigError(f"--workdir {workdir}: every checkpoint in {ckpt.directory} is unreadable: "
+                                 f"{names}. Pass --restart to train again from step 0 (they are moved aside, "
+                                 "not deleted)")  # fmt: skip
+    for step, why in found.unreadable:
+        moved = ckpt.move_aside(step)
+        print(f"note: checkpoint {step} is unreadable ({why}); moved to {moved}", flush=True)
+    if found.step is None:
+        log = os.path.join(workdir, "metrics.jsonl")
+        if found.unreadable and os.path.exists(log):
+            kept = os.path.join(workdir, f"metrics-before-restart-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
+            os.replace(log, kept)
+            print(f"note: --restart: starting from step 0; the old metrics are in {kept}", flush=True)
+        return state, 0
+    data.restore(found.metadata["data"])  # the data order continues where that same checkpoint stopped
+    start = int(found.value.step)
+    print(f"resumed from checkpoint {found.step} in {ckpt.directory} (step {start}, data position: epoch "
+          f"{data.state.get('epoch')}, batch {data.state.get('index')})", flush=True)  # fmt: skip
+    return found.value, start
 
 
 def main(argv):
     common.parse_flags(argv)
     config = common.validate(FLAGS.config)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
-    t0 = time.perf_counter()
-    try:
-        state = train(config, FLAGS.workdir, FLAGS.nonfinite)
-    except Stop as stop:
-        print(stop, file=sys.stderr)
-        return stop.code
-    train_s = time.perf_counter() - t0
-    if config.eval.enabled:
-        summary = common.evaluate(config, FLAGS.workdir, state.ema_params, step=int(state.step))
-        summary["train_s"] = round(train_s, 1)
-        common.write_summary(FLAGS.workdir, summary)
+    workdir = wd.prepare_dir(FLAGS.workdir)
+    with wd.Lock(workdir) as lock:
+        if lock.note:
+            print(lock.note, flush=True)
+        wd.check_resume(workdir, config)  # before anything of the run is written
+        wd.write_json_atomic(os.path.join(workdir, "config.json"), None, text=config.to_json_best_effort(indent=1))
+        t0 = time.perf_counter()
+        try:
+            state, row = train(config, workdir, FLAGS.nonfinite, FLAGS.restart)
+        except Stop as stop:
+            print(stop, file=sys.stderr)
+            return stop.code
+        train_s = time.perf_counter() - t0
+        if config.eval.enabled:
+            summary = {"config": config.get("name", config.data.dataset), "step": int(state.step)}
+            if row is not None:
+                summary["final_loss"] = round(row["loss"], 5)
+            if not evaluation.plot_losses(workdir):
+                print(f"note: {workdir}/metrics.jsonl has no rows (removed?); no loss.png", flush=True)
+            summary.update(evaluation.run(config, workdir, state.ema_params, step=int(state.step)))
+            summary["train_s"] = round(train_s, 1)
+            evaluation.write_summary(workdir, summary)
 
 
 if __name__ == "__main__":

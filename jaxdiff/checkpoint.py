@@ -14,9 +14,14 @@ directory.
 * Restoring into a target whose shapes or structure differ raises a
   :class:`CheckpointMismatchError` naming every mismatching leaf; there is no silent partial
   restore.
-* :meth:`Checkpointer.restore_latest` skips an unreadable (truncated, corrupt) newest checkpoint
-  with a one-line warning and falls back to the newest good one. Nothing here deletes a checkpoint
-  except the keep-last-K policy.
+* :meth:`Checkpointer.restore_newest` skips unreadable (truncated, corrupt) checkpoints for the
+  newest readable one and returns its state together with *its own* metadata (data position), so
+  state, data order and random stream always come from the same checkpoint; it reports every
+  checkpoint it skipped. :meth:`Checkpointer.move_aside` renames an unreadable checkpoint to
+  ``corrupt-<step>`` next to the others: out of the way of new saves, never deleted.
+* A save over a step that exists on disk but does not restore (written by an earlier process and
+  corrupted since) moves the bad one aside and writes the new one; a readable existing step is
+  never overwritten. Nothing here deletes a checkpoint except the keep-last-K policy.
 
 >>> ckpt = Checkpointer(workdir + "/checkpoints", save_every=1000, keep=3)
 >>> state = ckpt.restore_latest(state)          # unchanged if there is no checkpoint yet
@@ -33,13 +38,13 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointMismatchError"]
+__all__ = ["Checkpointer", "CheckpointMismatchError", "Restored"]
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -49,6 +54,22 @@ _STATE, _META = "state", "metadata"
 
 class CheckpointMismatchError(ValueError):
     """The target's structure or leaf shapes differ from those in the checkpoint."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore_newest` found.
+
+    Attributes:
+      value: what was read from checkpoint ``step`` (the target itself if none was readable).
+      step: the checkpoint read, or ``None``.
+      metadata: the JSON metadata saved with that same checkpoint (``{}`` if none).
+      unreadable: ``(step, reason)`` of every newer checkpoint that could not be read, newest first.
+    """
+
+    value: Any
+    step: int | None
+    metadata: dict
+    unreadable: list
 
 
 # -- typed PRNG keys and abstract targets --------------------------------------------------------
@@ -176,6 +197,7 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
+        self._readable: set[int] = set()  # steps saved or restored by this process
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -203,14 +225,19 @@ class Checkpointer:
         """
         step = int(step)
         if step in self.all_steps():
-            return False
+            if step in self._readable or self._is_readable(step):
+                return False
+            self.move_aside(step)  # exists but does not restore: keep it aside, write the new one
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.PyTreeSave(_to_saveable(state)),
                 _META: ocp.args.JsonSave(_jsonable(metadata)),
             }
         )
-        return bool(self._manager.save(step, args=args, force=True))
+        started = bool(self._manager.save(step, args=args, force=True))
+        if started:
+            self._readable.add(step)
+        return started
 
     def wait(self) -> None:
         """Blocks until a background save has finished."""
@@ -290,24 +317,92 @@ class Checkpointer:
 
         An unreadable checkpoint (truncated or corrupt files) is reported in one warning line and
         skipped for the next older one; it is left on disk. A :class:`CheckpointMismatchError`
-        (the target does not fit) is raised, not skipped.
+        (the target does not fit) is raised, not skipped. :meth:`restore_newest` also returns the
+        step and its metadata.
         """
+        found = self.restore_newest(target)
+        for i, (step, reason) in enumerate(found.unreadable):
+            older = found.unreadable[i + 1][0] if i + 1 < len(found.unreadable) else found.step
+            logger.warning(
+                "checkpoint %d in %s is unreadable (%s); falling back to %s",
+                step,
+                self.directory,
+                reason,
+                "the initial state" if older is None else f"step {older}",
+            )
+        return found.value
+
+    def restore_newest(self, target: PyTree | None = None, *, read=None) -> Restored:
+        """The newest checkpoint that reads, with the metadata saved in that same checkpoint.
+
+        Args:
+          target: restore the whole state into this structure (see :meth:`restore`); or
+          read: a function ``step -> value`` to read instead (e.g. ``ckpt.restore_ema``).
+
+        Returns:
+          A :class:`Restored`: the value, its step and metadata, and the ``(step, reason)`` of every
+          newer checkpoint skipped as unreadable (nothing is moved or deleted here; see
+          :meth:`move_aside`). With no readable checkpoint, ``value`` is ``target`` and ``step`` is ``None``.
+
+        Raises:
+          CheckpointMismatchError: the target does not fit a readable checkpoint (never skipped).
+        """
+        if read is None:
+            read = lambda step: self.restore(target, step)  # noqa: E731
+        unreadable = []
         for step in reversed(self._resolve_all()):
             try:
-                return self.restore(target, step)
+                value = read(step)
+                metadata = self.metadata(step) or {}
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
-                older = [s for s in self.all_steps() if s < step]
-                logger.warning(
-                    "checkpoint %d in %s is unreadable (%s: %s); falling back to %s",
-                    step,
-                    self.directory,
-                    type(e).__name__,
-                    _first_line(e),
-                    f"step {older[-1]}" if older else "the initial state",
-                )
-        return target
+                unreadable.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+                continue
+            self._readable.add(step)
+            return Restored(value, step, metadata, unreadable)
+        return Restored(target, None, {}, unreadable)
+
+    def move_aside(self, step: int) -> str:
+        """Renames checkpoint ``step`` to ``corrupt-<step>`` (``-2``, ``-3``, ... if taken); returns the path.
+
+        The directory stays next to the others for inspection; orbax no longer sees it as a step, so
+        neither a new save of that step nor the keep-last-K policy touches it.
+        """
+        self.wait()
+        source = os.path.join(self.directory, str(int(step)))
+        dest, n = os.path.join(self.directory, f"corrupt-{int(step)}"), 1
+        while os.path.exists(dest):
+            n += 1
+            dest = os.path.join(self.directory, f"corrupt-{int(step)}-{n}")
+        os.rename(source, dest)
+        self._readable.discard(int(step))
+        self._manager.reload()
+        return dest
+
+    def _is_readable(self, step: int) -> bool:
+        """Whether checkpoint ``step`` restores in full (every array and the metadata)."""
+        try:
+            saved = self._saved_tree(step)
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_default_sharding()), saved
+            )
+            self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.PyTreeRestore(
+                            item=abstract,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                        ),
+                        _META: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except Exception:  # noqa: BLE001 - any read failure means an unusable checkpoint
+            return False
+        self._readable.add(step)
+        return True
 
     def _resolve_all(self) -> list[int]:
         self.wait()

@@ -59,6 +59,7 @@ __all__ = [
     "get_feature_extractor",
     "inception_features_from_fn",
     "kernel_inception_distance",
+    "kid_subset_rows",
 ]
 
 PyTree = Any
@@ -195,7 +196,7 @@ def kernel_inception_distance(
     feats_b: Float[Array, "m F"] | np.ndarray,
     *,
     num_subsets: int = 100,
-    subset_size: int = 1000,
+    subset_size: int | None = None,
     seed: int = 0,
 ) -> tuple[float, float]:
     """KID (Binkowski et al., 2018): unbiased MMD^2 with the kernel ``(x.y / F + 1)^3``, over subsets.
@@ -203,12 +204,16 @@ def kernel_inception_distance(
     Each of ``num_subsets`` rounds draws ``subset_size`` rows of each set without replacement (the seed
     fixes the draws) and computes the unbiased MMD^2 estimate; the estimate is unbiased for any size, so
     KID can be compared across sample sizes, and it can be slightly negative when the sets match.
+    By default the subsets are smaller than the sets (1000 rows, at most half the smaller set;
+    :func:`kid_subset_rows`): a subset as large as a set is that whole set every time, and the spread
+    over subsets then says nothing.
 
     Args:
       feats_a: ``(n, F)`` features of the first set.
       feats_b: ``(m, F)`` features of the second set.
       num_subsets: number of subsets averaged.
-      subset_size: rows per subset, reduced to ``min(n, m)`` if larger (at least 2).
+      subset_size: rows per subset, reduced to ``min(n, m)`` if larger (at least 2); ``None`` (default):
+        :func:`kid_subset_rows`.
       seed: seed of the subset draws.
 
     Returns:
@@ -219,7 +224,7 @@ def kernel_inception_distance(
         raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
     if num_subsets < 1:
         raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
-    size = min(int(subset_size), a.shape[0], b.shape[0])
+    size = kid_subset_rows(a.shape[0], b.shape[0], subset_size)
     if size < 2:
         raise ValueError(
             f"KID needs subsets of at least 2 rows; got subset_size={subset_size}, n={a.shape[0]}, m={b.shape[0]}"
@@ -231,6 +236,17 @@ def kernel_inception_distance(
         rows_b = rng.choice(b.shape[0], size, replace=False)
         estimates[i] = _mmd2_unbiased(a[rows_a], b[rows_b])
     return float(estimates.mean()), float(estimates.std())
+
+
+def kid_subset_rows(n: int, m: int, subset_size: int | None = None) -> int:
+    """Rows per KID subset of sets of ``n`` and ``m`` rows.
+
+    ``subset_size`` if given (capped at the smaller set); by default 1000, at most half the smaller set, so
+    that the subsets differ and their spread means something.
+    """
+    if subset_size is not None:
+        return min(int(subset_size), n, m)
+    return min(1000, max(2, min(n, m) // 2), n, m)
 
 
 # -- classifier score --------------------------------------------------------------------------------
@@ -533,7 +549,7 @@ def evaluate_samples(
     extractor: FeatureExtractor,
     *,
     kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
+    kid_subset_size: int | None = None,
     seed: int = 0,
     batch_size: int = 500,
 ) -> dict[str, Any]:
@@ -545,14 +561,14 @@ def evaluate_samples(
       extractor: a :class:`FeatureExtractor`, e.g. :func:`digits_classifier` or
         :func:`inception_features_from_fn`.
       kid_subsets: subsets averaged by :func:`kernel_inception_distance`.
-      kid_subset_size: rows per KID subset (reduced to the smaller set's size).
+      kid_subset_size: rows per KID subset (default: :func:`kid_subset_rows`, smaller than both sets).
       seed: seed of the KID subsets.
       batch_size: images per call of the extractor.
 
     Returns:
       A dict of Python numbers: ``fid``, ``kid_mean``, ``kid_std``, ``num_samples``, ``num_reference``,
-      ``feature_dim``; with a classifier also ``classifier_score``, ``class_histogram``, ``class_entropy``
-      of the samples and ``reference_classifier_score`` of the reference set (the value to aim for).
+      ``kid_subset_size``, ``feature_dim``; with a classifier also ``classifier_score``, ``class_histogram``,
+      ``class_entropy`` of the samples and ``reference_classifier_score`` of the reference set (the value to aim for).
     """
     samples, reference = np.asarray(samples, np.float32), np.asarray(reference, np.float32)
     fa = _batched(extractor, samples, batch_size)
@@ -566,6 +582,7 @@ def evaluate_samples(
         "kid_std": kid_std,
         "num_samples": int(samples.shape[0]),
         "num_reference": int(reference.shape[0]),
+        "kid_subset_size": kid_subset_rows(fa.shape[0], fb.shape[0], kid_subset_size),
         "feature_dim": int(fa.shape[1]),
     }
     if isinstance(extractor, Classifier):
