@@ -9,13 +9,26 @@ EDM writes the probability-flow ODE in the scaled variable ``y = x / alpha(t)`` 
 with ``D`` the data prediction (Tweedie's denoiser) and ``t(sigma_edm)`` found through the SDE's
 ``t_from_log_snr``. VP, sub-VP, VE and cosine VP all reduce to it, so one sampler serves them all.
 
-The noise levels follow EDM's schedule (eq. 5), ``rho = 7``, from ``sigma_max = sigma_edm(T)`` down to
-``sigma_min = sigma_edm(eps)``. Each step is Heun's method (explicit trapezoid: an Euler step, then a
-correction with the slope at its end); the last step, to ``sigma_min``, is a plain Euler step as in EDM, so
-``steps`` steps cost ``2 steps - 1`` score evaluations. With ``s_churn > 0`` each step first raises the noise
-level from ``sigma_i`` to ``sigma_hat = (1 + gamma) sigma_i`` by adding fresh noise (Algorithm 2, lines 4--6),
-``gamma = min(s_churn / steps, sqrt(2) - 1)`` for ``sigma_i`` in ``[s_tmin, s_tmax]``; ``s_churn = 0`` is the
-deterministic Algorithm 1.
+The noise levels follow EDM's schedule (eq. 5), ``rho = 7``: ``steps + 1`` levels from
+``sigma_max = sigma_edm(T)`` down to ``sigma_min = sigma_edm(eps) > 0``. Each step is Heun's method (explicit
+trapezoid: an Euler step, then a correction with the slope at its end) except the last, on the interval
+ending at ``sigma_min``, which is a plain Euler step; ``steps`` steps cost ``2 steps - 1`` score evaluations
+and the samples are returned at ``sigma_min``, not denoised.
+
+This differs from EDM and k-diffusion. There the schedule's ``N`` levels end at ``sigma_min`` and a final level
+``sigma_N = 0`` is appended; Heun's method runs on every interval down to ``sigma_min`` and only the extra step from
+``sigma_min`` to 0 is an Euler step (the test ``t_{i+1} != 0`` of Algorithms 1 and 2, lines 6 and 9: the correction
+would divide by ``sigma = 0``), which returns the denoiser's output ``D(y; sigma_min)``. Both cost ``2 N - 1``
+evaluations. Here the Euler step replaces the Heun step of the last interval instead: at noise levels that small the
+flow is nearly a straight line in ``sigma``, so the correction is not worth its evaluation. Measured on the 2-D
+Gaussian mixture (VP and VE, 10, 18 and 40 steps), a Heun correction on the last interval too, at one evaluation
+more, changes the median distance to the exact solution of the probability-flow ODE at ``sigma_min`` by under 1%.
+For EDM's denoised output, apply :func:`jaxdiff.samplers.tweedie_denoise` at ``t(sigma_min)`` (one evaluation more;
+EDM's ``D(y; sigma_min)`` is that data prediction).
+
+With ``s_churn > 0`` each step first raises the noise level from ``sigma_i`` to ``sigma_hat = (1 + gamma) sigma_i``
+by adding fresh noise (Algorithm 2, lines 4--6), ``gamma = min(s_churn / steps, sqrt(2) - 1)`` for ``sigma_i`` in
+``[s_tmin, s_tmax]``; ``s_churn = 0`` is the deterministic Algorithm 1.
 """
 
 from __future__ import annotations
@@ -72,7 +85,8 @@ def _heun(key, score_fn, sde, shape, steps, rho, sigma_min, sigma_max, stochasti
         return y_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next), None  # line 11 (trapezoid)
 
     y, _ = jax.lax.scan(heun_step, y, jnp.arange(steps - 1))
-    # The last step, to sigma_min, is Euler only (Algorithm 1, line 8 without the correction).
+    # The last interval, to sigma_min > 0, is Euler only: Algorithm 2, line 8 without lines 9-11. (EDM runs
+    # Heun down to sigma_min and uses Euler for an extra step to sigma = 0; see the module docstring.)
     y_hat, sigma_hat = churn_up(y, steps - 1)
     y = y_hat + (sigmas[-1] - sigma_hat) * derivative(y_hat, sigma_hat)
     x = sde.alpha(t_from_sigma_edm(sde, sigmas[-1])) * y
@@ -96,6 +110,10 @@ def heun_sample(
     eps: float = 1e-3,
 ) -> tuple[Float[Array, "batch ..."], dict]:
     """EDM's Heun sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when ``s_churn == 0``).
+
+    Heun steps from ``sigma_max`` down to the last interval, which is one Euler step ending at ``sigma_min > 0``
+    (EDM instead runs Heun down to ``sigma_min`` and adds an Euler step to ``sigma = 0``; same cost, see the
+    module docstring).
 
     Args:
       key: PRNG key; example ``i`` draws from ``fold_in(key, i)`` only (its prior draw and its churn noise).
