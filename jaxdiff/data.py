@@ -430,7 +430,7 @@ IMAGE_DATASETS = ("digits", *_TFDS_SPECS, "image_folder")
 
 
 def _toy_batch_fn(name: str, *, batch_size: int, seed: int, split: str):
-    split_tag = _SPLIT_TAGS.get(split, 3)
+    split_tag = _SPLIT_TAGS[split]
     has_labels = TOY_DATASETS[name] is not None
 
     def batch_fn(step: int, process_index: int, process_count: int) -> Batch:
@@ -515,6 +515,9 @@ def get_dataset(
         process_count=process_count,
     )
     if name in TOY_DATASETS:
+        if split not in _SPLIT_TAGS:  # each split is its own random stream: a misspelt one would be a new set
+            valid = ", ".join(map(repr, _SPLIT_TAGS))
+            raise ValueError(f"split={split!r} is not a split of the toy data set {name!r}; valid: {valid}")
         info = DatasetInfo(name, split, (2,), None, TOY_DATASETS[name], None, None)
         batch_fn = _toy_batch_fn(name, batch_size=batch_size, seed=seed, split=split)
         return BatchIterator(info, batch_fn, steps_per_epoch=None, num_epochs=None, **common)
