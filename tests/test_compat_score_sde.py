@@ -1,0 +1,378 @@
+"""Loading the reference score_sde checkpoints: the reference's own outputs, derived checkpoints of every
+supported kind, the one-line errors, and import -> sample.py -> evaluate.py end to end.
+
+``data/score_sde/ckpt_ve_ncsnpp_small`` was written by the reference implementation itself (its README says
+how); the other checkpoints are written here in the same format from jaxdiff networks, by the inverse name
+mapping, with their dicts key-sorted as flax 0.3.1 writes them (``ResnetBlockBigGANpp_10`` before ``_2``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+from ml_collections import ConfigDict
+
+from jaxdiff.compat import score_sde
+from jaxdiff.parameterization import make_score_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "data", "score_sde", "ckpt_ve_ncsnpp_small")
+CHECKPOINT = os.path.join(FIXTURE, "checkpoints", "checkpoint_1")
+CONFIG = os.path.join(FIXTURE, "config.json")
+# Float32 networks of a few layers: the reference's outputs are reproduced to rounding.
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fixture_ckpt():
+    return score_sde.load_checkpoint(CHECKPOINT, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    return dict(np.load(os.path.join(FIXTURE, "reference_outputs.npz")))
+
+
+# -- the reference's own checkpoint ---------------------------------------------------------------------------
+
+
+def test_fixture_network_outputs(fixture_ckpt, reference_outputs):
+    r = reference_outputs
+    x, labels = jnp.asarray(r["x"]), jnp.asarray(r["labels"])
+    with jax.default_matmul_precision("highest"):
+        for name, params in (("out_ema", fixture_ckpt.ema_params), ("out_target", fixture_ckpt.params)):
+            out = score_sde.reference_network(fixture_ckpt.model, params, fixture_ckpt.reference_config)(x, labels)
+            np.testing.assert_allclose(out, r[name], atol=ATOL, rtol=0, err_msg=name)
+
+
+def test_fixture_score(fixture_ckpt, reference_outputs):
+    r = reference_outputs
+    with jax.default_matmul_precision("highest"):
+        score = fixture_ckpt.score_fn(ema=True)(jnp.asarray(r["x"]), jnp.asarray(r["t"]))
+    np.testing.assert_allclose(score, r["score_ema"], atol=ATOL, rtol=0)
+    assert fixture_ckpt.step == 3
+    assert not np.allclose(fixture_ckpt.params["conv_in"]["kernel"], fixture_ckpt.ema_params["conv_in"]["kernel"])
+
+
+def test_fixture_workdir_score_is_the_reference_score_in_centred_coordinates(fixture_ckpt, reference_outputs):
+    """jaxdiff's own score function on the exported config and parameters: y = 2x - 1, sigma doubled, and the
+    score of y is half the reference's score of x."""
+    import jaxdiff
+
+    r = reference_outputs
+    config, params = fixture_ckpt.workdir()
+    assert config.data.centered and config.sde.sigma_max == 100.0 and config.sde.sigma_min == 0.02
+    sde = jaxdiff.VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
+    score_fn = make_score_fn(fixture_ckpt.model, params, sde, parameterization="score", scale_by_sigma=True)
+    with jax.default_matmul_precision("highest"):
+        score_y = score_fn(2.0 * jnp.asarray(r["x"]) - 1.0, jnp.asarray(r["t"]))
+    np.testing.assert_allclose(2.0 * score_y, r["score_ema"], atol=ATOL, rtol=0)
+
+
+def test_config_as_dict_configdict_and_python_file(tmp_path, fixture_ckpt):
+    with open(CONFIG) as f:
+        as_dict = json.load(f)
+    module = tmp_path / "reference_config.py"
+    module.write_text(
+        "import json\nfrom ml_collections import ConfigDict\n\n\n"
+        f"def get_config():\n    return ConfigDict(json.load(open({CONFIG!r})))\n"
+    )
+    for config in (as_dict, ConfigDict(as_dict), str(module)):
+        ckpt = score_sde.load_checkpoint(CHECKPOINT, config)
+        np.testing.assert_array_equal(ckpt.ema_params["temb_dense_0"]["kernel"],
+                                      fixture_ckpt.ema_params["temb_dense_0"]["kernel"])  # fmt: skip
+
+
+# -- derived checkpoints: continuous VP / sub-VP DDPM++, discrete VE (SMLD) NCSN++, discrete VP DDPM ----------
+
+
+def _reference_config(**changes) -> dict:
+    with open(CONFIG) as f:
+        config = json.load(f)
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+DDPMPP = dict(
+    **{"model.embedding_type": "positional", "model.fir": False, "model.progressive_input": "none"},
+    **{"model.scale_by_sigma": False, "model.num_res_blocks": 2, "data.centered": True, "training.continuous": True},
+)
+CASES = {
+    "vp_ddpmpp": _reference_config(**DDPMPP, **{"training.sde": "vpsde"}),
+    "subvp_ddpmpp": _reference_config(**DDPMPP, **{"training.sde": "subvpsde"}),
+    # configs/ve/cifar10_ncsnpp.py: SMLD, positional embedding of integer labels, scale_by_sigma, [0, 1] data
+    "smld_ncsnpp": _reference_config(
+        **{"model.embedding_type": "positional", "training.continuous": False},
+        **{"model.progressive": "output_skip", "model.sigma_max": 20.0, "model.num_scales": 50},
+    ),
+    # configs/vp/ddpm/cifar10.py at 4x4: 128 channels, where DDPM's 32 groups are jaxdiff's min(C // 4, 32)
+    "ddpm": _reference_config(
+        **{"model.name": "ddpm", "model.nf": 128, "model.ch_mult": [1, 1], "model.num_res_blocks": 1},
+        **{"model.attn_resolutions": [2], "data.image_size": 4, "data.centered": True, "training.sde": "vpsde"},
+        **{"training.continuous": False, "model.scale_by_sigma": False, "model.num_scales": 1000},
+    ),
+}
+
+
+def _sorted(tree):
+    """Key-sorted dicts, as flax 0.3.1 serialises them."""
+    if isinstance(tree, dict):
+        return {k: _sorted(tree[k]) for k in sorted(tree)}
+    return np.asarray(tree)
+
+
+def write_reference_checkpoint(path, params, ema_params, config, step=7):
+    target = score_sde.to_reference_params(params, config)
+    zeros = jax.tree.map(np.zeros_like, target)
+    state = {
+        "step": np.asarray(step),
+        "optimizer": {"target": target, "state": {"step": np.asarray(step),
+                                                  "param_states": jax.tree.map(
+                                                      lambda z: {"grad_ema": z, "grad_sq_ema": z}, zeros)}},
+        "lr": np.asarray(2e-4, np.float32),
+        "model_state": {},
+        "ema_rate": np.asarray(0.999, np.float32),
+        "params_ema": score_sde.to_reference_params(ema_params, config),
+        "rng": np.asarray([0, 1], np.uint32),
+    }  # fmt: skip
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(_sorted(state)))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def derived(request, tmp_path_factory):
+    config = CASES[request.param]
+    model = score_sde.network(config)
+    size, channels = config["data"]["image_size"], config["data"]["num_channels"]
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, jax.ShapeDtypeStruct((1,), jnp.float32))["params"]
+    # Random weights everywhere (the networks' own init_scale = 0 would leave the outputs near zero).
+    leaves, tree = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(1)
+    draw = lambda: jax.tree.unflatten(
+        tree, [jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32) for p in leaves]
+    )
+    params, ema = draw(), draw()
+    path = str(tmp_path_factory.mktemp(request.param) / "checkpoint_7")
+    write_reference_checkpoint(path, params, ema, config)
+    return request.param, config, model, params, ema, path, (size, size, channels)
+
+
+def test_derived_round_trip(derived):
+    name, config, model, params, ema, path, _ = derived
+    ckpt = score_sde.load_checkpoint(path, config)
+    assert ckpt.step == 7
+    for got, want in ((ckpt.params, params), (ckpt.ema_params, ema)):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    flat = score_sde.to_reference_params(params, config)
+    if name in ("vp_ddpmpp", "subvp_ddpmpp"):  # 14 residual blocks: the file's order puts _10 before _2
+        assert "ResnetBlockBigGANpp_10" in flat
+        assert list(_sorted(flat)).index("ResnetBlockBigGANpp_10") < list(_sorted(flat)).index("ResnetBlockBigGANpp_2")
+
+
+def _vp_std(t, beta_min, beta_max, sub=False):
+    log_mean = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+    return 1.0 - np.exp(2 * log_mean) if sub else np.sqrt(1.0 - np.exp(2 * log_mean))
+
+
+def test_derived_score_conventions(derived):
+    """The score against the reference's conventions written out in float64 from its source."""
+    name, config, model, _, ema, path, shape = derived
+    ckpt = score_sde.load_checkpoint(path, config)
+    m = config["model"]
+    key = jax.random.key(2)
+    x = jax.random.uniform(key, (3, *shape), minval=0.0 if name == "smld_ncsnpp" else -1.0, maxval=1.0)
+    # 0.0999 (N - 1) = 99.8: DDPM's label indexes its std truncated (99), not rounded.
+    t = np.array([1.0, 0.5, 0.0999]) if name != "smld_ncsnpp" else np.array([1.0, 0.6, 0.0])
+    net = lambda h, cond: model.apply({"params": ema}, h, jnp.asarray(cond, jnp.float32))
+    with jax.default_matmul_precision("highest"):
+        score = ckpt.score_fn()(x, jnp.asarray(t, jnp.float32))
+        if name in ("vp_ddpmpp", "subvp_ddpmpp"):
+            std = _vp_std(t, m["beta_min"], m["beta_max"], sub=name.startswith("sub"))
+            expected = -net(x, 999 * t) / std[:, None, None, None]
+        elif name == "smld_ncsnpp":  # label k = round((1 - t)(N - 1)), counted from sigma_max
+            n = m["num_scales"]
+            k = np.round((1.0 - t) * (n - 1))
+            assert k.tolist() == [0, 20, 49]
+            sigma = m["sigma_max"] * (m["sigma_min"] / m["sigma_max"]) ** (k / (n - 1))
+            expected = net(2.0 * x - 1.0, k) / sigma[:, None, None, None]
+        else:  # DDPM: labels t (N - 1), std sqrt(1 - alphas_cumprod) of the discrete chain
+            n = m["num_scales"]
+            betas = np.linspace(m["beta_min"] / n, m["beta_max"] / n, n)
+            std = np.sqrt(1.0 - np.cumprod(1.0 - betas))[(t * (n - 1)).astype(int)]
+            expected = -net(x, t * (n - 1)) / std[:, None, None, None]
+    np.testing.assert_allclose(score, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+    assert float(jnp.abs(expected).max()) > 1e-2  # not a vanishing output
+
+
+def test_derived_workdir(derived):
+    """Continuous models keep their parameters and score in jaxdiff's conventions; discrete ones say why not."""
+    import jaxdiff
+
+    name, config, model, _, ema, path, shape = derived
+    ckpt = score_sde.load_checkpoint(path, config)
+    if name in ("smld_ncsnpp", "ddpm"):
+        assert ckpt.config is None
+        with pytest.raises(score_sde.UnsupportedConfigError, match=r"^config\.training\.continuous"):
+            ckpt.workdir()
+        return
+    jd_config, params = ckpt.workdir()
+    sde_cls = {"vpsde": jaxdiff.VPSDE, "subvpsde": jaxdiff.SubVPSDE}[jd_config.sde.name]
+    sde = sde_cls(jd_config.sde.beta_min, jd_config.sde.beta_max, N=jd_config.sde.num_scales)
+    score_fn = make_score_fn(model, params, sde, parameterization=jd_config.model.parameterization)
+    x, t = jax.random.normal(jax.random.key(3), (2, *shape)), jnp.array([0.7, 0.05])
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(score_fn(x, t), ckpt.score_fn()(x, t), rtol=1e-6, atol=1e-6)
+
+
+# -- one-line errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"model.name": "ncsnv2_64"}, "model.name"),
+        ({"model.normalization": "InstanceNorm++"}, "model.normalization"),
+        ({"model.nonlinearity": "elu"}, "model.nonlinearity"),
+        ({"model.interpolation": "bilinear"}, "model.interpolation"),
+        ({"training.sde": "cosine"}, "training.sde"),
+        ({"training.continuous": False}, "model.embedding_type"),  # Fourier features of a discrete model
+        ({"model.name": "ddpm", "model.nf": 32}, "model.nf"),  # 32 groups of 8 channels
+    ],
+)
+def test_unsupported_config_is_one_line_naming_the_key(changes, key):
+    with pytest.raises(score_sde.UnsupportedConfigError) as e:
+        score_sde.load_checkpoint(CHECKPOINT, _reference_config(**changes))
+    assert str(e.value).startswith(f"config.{key}:") and "\n" not in str(e.value)
+
+
+def test_missing_key_and_bad_file_are_one_line(tmp_path):
+    config = _reference_config()
+    del config["model"]["nf"]
+    with pytest.raises(score_sde.UnsupportedConfigError, match=r"^config\.model\.nf: missing"):
+        score_sde.load_checkpoint(CHECKPOINT, config)
+    module = tmp_path / "cifar10_ncsnpp_continuous.py"
+    module.write_text("from configs.default_cifar10_configs import get_default_configs\n")
+    with pytest.raises(score_sde.UnsupportedConfigError, match="sys.path") as e:
+        score_sde.load_checkpoint(CHECKPOINT, str(module))
+    assert "\n" not in str(e.value)
+    with pytest.raises(score_sde.CheckpointMismatchError, match="not a msgpack|not a score_sde State"):
+        score_sde.load_checkpoint(CONFIG, CONFIG)
+
+
+@pytest.mark.parametrize(
+    "changes, first",
+    [
+        ({"model.nf": 16}, "AttnBlockpp_0/GroupNorm_0/bias has shape (16,), the config needs (32,)"),
+        ({"model.num_res_blocks": 2}, "AttnBlockpp_3/GroupNorm_0/bias (16,) is missing"),
+        ({"model.progressive_input": "none"}, "Downsample_0/Conv2d_0/bias (8,) is not in the configured network"),
+    ],
+)
+def test_mismatching_checkpoint_names_the_first_parameters(changes, first):
+    with pytest.raises(score_sde.CheckpointMismatchError) as e:
+        score_sde.load_checkpoint(CHECKPOINT, _reference_config(**changes))
+    message = str(e.value)
+    assert "\n" not in message and "optimizer.target does not match the config" in message
+    assert first in message, message
+
+
+# -- the command line, end to end -----------------------------------------------------------------------------
+
+# sample.py and evaluate.py read the test split of CIFAR-10; TFDS's mock data stands in for it.
+MOCK_RUN = """
+import os, runpy, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "experiments"))
+import tensorflow_datasets as tfds
+sys.argv = sys.argv[1:]
+with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _run(*args, mock_data=False, timeout=300):
+    script = os.path.join(ROOT, "experiments", args[0])
+    command = [sys.executable, "-c", MOCK_RUN, script] if mock_data else [sys.executable, script]
+    return subprocess.run([*command, *args[1:]], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("imported"))
+    proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={CONFIG}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["eval"]["ode_tol"] = 1e-2  # tiny settings for the likelihood
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return workdir
+
+
+def test_import_then_sample(imported, fixture_ckpt, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import common
+
+    config, params, step = common.load_workdir(imported)
+    assert step == 3 and config.sde.name == "vesde"
+    _, want = fixture_ckpt.workdir()
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, want))
+    proc = _run("sample.py", f"--workdir={imported}", "--n=2", "--steps=2", mock_data=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = np.load(os.path.join(imported, "samples_pc_2.npz"))
+    assert samples["samples"].shape == (2, 8, 8, 3) and int(samples["nfe"]) == 2 * 2 + 1
+    assert np.all(np.isfinite(samples["samples"]))
+
+
+@pytest.mark.slow
+def test_import_then_evaluate(imported):
+    proc = _run("evaluate.py", f"--workdir={imported}", "--num_samples=2", "--steps=2", "--likelihood_examples=2",
+                mock_data=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(imported, "eval.json")) as f:
+        results = json.load(f)
+    text = json.dumps(results)
+    assert "bits_per_dim" in text
+    bpd = next(_find(results, "bits_per_dim"))
+    # Mock images are uniform noise, whose entropy is 8 bits/dim: no model's expected bits/dim is lower (Gibbs),
+    # and a network trained for three steps is far from it.
+    assert math.isfinite(bpd) and bpd > 8.0
+
+
+def _find(tree, name):
+    if isinstance(tree, dict):
+        if tree.get("name") == name and "value" in tree:
+            yield tree["value"]
+        if isinstance(tree.get(name), (int, float)):
+            yield tree[name]
+        for v in tree.values():
+            yield from _find(v, name)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _find(v, name)
+
+
+def test_import_errors_are_one_line(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_reference_config(**{"model.nf": 16})))
+    proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={config}", f"--workdir={tmp_path}/w")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "AttnBlockpp_0/GroupNorm_0/bias" in proc.stderr
+    config.write_text(
+        json.dumps(_reference_config(**{"training.continuous": False, "model.embedding_type": "positional"}))
+    )
+    proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={config}", f"--workdir={tmp_path}/w")
+    assert proc.returncode == 2 and "config.training.continuous" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not os.path.exists(tmp_path / "w")
