@@ -4,9 +4,12 @@ Song et al., ICLR 2021, sec. 5 and appendix I. Given the unconditional score ``s
 
 * **Classifier guidance** (eq. 14; Dhariwal & Nichol 2021): the conditional score is
   ``grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x)``, so a noise-conditional classifier
-  ``p_t(y | x)`` trained on perturbed data (:func:`noise_conditional_classifier_loss`) turns an
-  unconditional model into a conditional one. A ``scale`` other than 1 samples
-  ``p_t(x) p_t(y | x)^scale`` (sharper for ``scale > 1``).
+  ``p_t(y | x)`` turns an unconditional model into a conditional one. A ``scale`` other than 1 samples
+  ``p_t(x) p_t(y | x)^scale`` (sharper for ``scale > 1``). Guidance sees the classifier only as its
+  log-probability function ``log_prob_y_fn(x, t)``: the exact one of a Gaussian mixture
+  (:func:`mixture_classifier_log_probs`) or a trained network's; the network, its loss on perturbed data and its
+  training live in :mod:`jaxdiff.models` (:class:`jaxdiff.models.NoiseConditionalClassifier`,
+  :func:`jaxdiff.models.make_classifier_log_prob_fn`; their old names here still resolve).
 * **Classifier-free guidance** (Ho & Salimans 2022): ``(1 + w) s(x, t, y) - w s(x, t)``; for networks see
   :func:`jaxdiff.parameterization.make_score_fn` (``guidance_weight=``), for any two score functions
   :func:`classifier_free_guided_score_fn`.
@@ -28,17 +31,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.tree_util import Partial
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
-from jaxdiff.models._embedding import EMBEDDING_TYPES, embed_noise
 from jaxdiff.oracle import GaussianMixture
-from jaxdiff.parameterization import noise_cond
 from jaxdiff.per_example import per_example, unwrap
 from jaxdiff.samplers import _common as C
 from jaxdiff.samplers.ode import probability_flow_drift
@@ -49,10 +48,6 @@ __all__ = [
     "classifier_guided_score_fn",
     "classifier_free_guided_score_fn",
     "mixture_classifier_log_probs",
-    "NoiseConditionalClassifier",
-    "make_classifier_log_prob_fn",
-    "noise_conditional_classifier_loss",
-    "train_classifier",
     "Constraint",
     "constrained_sample",
     "inpaint",
@@ -64,17 +59,78 @@ __all__ = [
 
 ScoreFn = Callable[[Array, Array], Array]
 
+# The noise-conditional classifier is a network: it lives in jaxdiff.models. Its names still resolve here.
+_MOVED_TO_MODELS = (
+    "NoiseConditionalClassifier",
+    "make_classifier_apply",
+    "make_classifier_log_prob_fn",
+    "noise_conditional_classifier_loss",
+    "train_classifier",
+)
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_MODELS:
+        from jaxdiff import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'jaxdiff.guidance' has no attribute {name!r}")
+
 
 # ==========================================================================================================
 # Classifier guidance
 # ==========================================================================================================
+def _concrete(a) -> np.ndarray | None:
+    """The value of ``a`` if it is known now (not a tracer inside ``jax.jit``), else ``None``."""
+    try:
+        return np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_log_probs_and_labels(log_probs_shape, y, x_shape) -> int:
+    """Checks ``log_prob_y_fn``'s output shape and the labels against the batch; returns the number of classes.
+
+    Shapes are static, so they are checked at every trace; label values whenever they are concrete (a call
+    outside ``jax.jit``, or the abstract check of a sampler's entry point).
+    """
+    batch = x_shape[0]
+    if len(log_probs_shape) != 2 or log_probs_shape[0] != batch:
+        raise ValueError(
+            f"log_prob_y_fn returned shape {tuple(log_probs_shape)} for x of shape {tuple(x_shape)}; valid: "
+            f"(batch, num_classes) = ({batch}, num_classes) log-probabilities"
+        )
+    num_classes = log_probs_shape[1]
+    if jnp.ndim(y) == 1 and jnp.shape(y)[0] != batch:
+        raise ValueError(
+            f"labels y of shape {jnp.shape(y)} for a batch of {batch} examples; valid: one label, or one per "
+            f"example, shape ({batch},)"
+        )
+    values = _concrete(y)
+    if values is not None:
+        bad = values[(values < 0) | (values >= num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"label y={int(bad.flat[0])} is not a class of log_prob_y_fn, which has {num_classes} classes; "
+                f"valid: 0 <= y < {num_classes}"
+            )
+    return num_classes
+
+
 def _classifier_guided(score_fn, log_prob_y_fn, y, scale, x, t):
-    y = jnp.broadcast_to(unwrap(y), x.shape[:1])
+    y = unwrap(y)
+    num_classes = _check_log_probs_and_labels(jax.eval_shape(log_prob_y_fn, x, t).shape, y, x.shape)
+    y = jnp.broadcast_to(y, x.shape[:1])
+    # Labels only known inside a jitted sampler cannot be refused: an example with a label outside
+    # [0, num_classes) gets a NaN score, so it comes out NaN and counted in info["nonfinite"].
+    valid = (y >= 0) & (y < num_classes)
+    index = jnp.clip(y, 0, num_classes - 1)
 
     def log_p_y(x):  # summed over the batch: each example's gradient is its own
-        return jnp.sum(jnp.take_along_axis(log_prob_y_fn(x, t), y[:, None], axis=-1))
+        return jnp.sum(jnp.take_along_axis(log_prob_y_fn(x, t), index[:, None], axis=-1))
 
     grad = jax.grad(log_p_y)(x)
+    grad = jnp.where(jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), grad, jnp.nan)
     return score_fn(x, t) + scale * grad.astype(x.dtype)
 
 
@@ -86,23 +142,39 @@ def classifier_guided_score_fn(
     Args:
       score_fn: the unconditional ``score_fn(x, t)``.
       log_prob_y_fn: ``log_prob_y_fn(x, t) -> (batch, num_classes)`` log-probabilities of a noise-conditional
-        classifier ``p_t(y | x)`` (e.g. :func:`make_classifier_log_prob_fn`).
-      y: the target class, a scalar or labels of shape ``(batch,)``.
+        classifier ``p_t(y | x)``: :func:`mixture_classifier_log_probs`, or a trained network's
+        (:func:`jaxdiff.models.make_classifier_log_prob_fn`).
+      y: the target class, an integer or integer labels of shape ``(batch,)``, each in ``[0, num_classes)``.
       scale: guidance scale; 1 samples ``p(x | y)``, larger values sharpen towards the class.
 
     Returns:
-      A :class:`jax.tree_util.Partial` ``score_fn(x, t)`` (its arrays are traced by the samplers).
+      A :class:`jax.tree_util.Partial` ``score_fn(x, t)`` (its arrays are traced by the samplers). A label
+      outside ``[0, num_classes)`` or labels of another batch size are refused when the function is traced
+      with concrete labels (by :func:`jaxdiff.sample` before compiling, or called directly); labels known only
+      inside ``jax.jit`` that are out of range give that example a NaN score.
 
     >>> from jaxdiff import GaussianMixture, VPSDE
     >>> sde, gm = VPSDE(), GaussianMixture.grid()
     >>> guided = classifier_guided_score_fn(gm.score_fn(sde), mixture_classifier_log_probs(gm, sde), y=2)
     >>> x, info = jaxdiff.sample(jax.random.key(0), guided, sde, (16, 2), method="pc", steps=100)
     """
+    y_array = jnp.asarray(y)
+    if not jnp.issubdtype(y_array.dtype, jnp.integer) or y_array.ndim > 1:
+        raise ValueError(
+            f"y must be an integer class label or integer labels of shape (batch,), got {y!r} "
+            f"(dtype {y_array.dtype}, shape {y_array.shape})"
+        )
+    values = _concrete(y_array)
+    if values is not None and np.any(values < 0):
+        raise ValueError(f"label y={int(values[values < 0].flat[0])} is not a class; valid: 0 <= y < num_classes")
+    scale_value = _concrete(jnp.asarray(scale))
+    if scale_value is not None and (scale_value.ndim != 0 or not np.isfinite(scale_value)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     return Partial(
         _classifier_guided,
         C.as_partial(score_fn),
         C.as_partial(log_prob_y_fn),
-        per_example(jnp.asarray(y, jnp.int32)),
+        per_example(y_array.astype(jnp.int32)),
         jnp.asarray(scale, jnp.float32),
     )
 
@@ -136,152 +208,6 @@ def mixture_classifier_log_probs(mixture: GaussianMixture, sde: SDE) -> Partial:
     with it, :func:`classifier_guided_score_fn` at ``scale=1`` is the exact score of component ``k``.
     """
     return Partial(_mixture_classifier, mixture, sde)
-
-
-# ==========================================================================================================
-# Noise-conditional classifier: model, loss, training
-# ==========================================================================================================
-class NoiseConditionalClassifier(nn.Module):
-    """A small classifier ``(x, noise_cond) -> logits`` of perturbed vectors ``(b, d)`` or images ``(b, H, W, C)``.
-
-    Images go through strided 3x3 convolutions and global average pooling; vectors straight to the MLP. The
-    noise level is embedded as in the score networks and added to every hidden layer.
-
-    Attributes:
-      num_classes: number of classes.
-      hidden_sizes: widths of the dense layers.
-      conv_channels: channels of the strided convolutions (images only).
-      embedding_size: size of the noise-level embedding.
-      embedding_type: ``'fourier'`` (fed ``log sigma``) or ``'positional'`` (fed ``999 t``).
-      fourier_scale: standard deviation of the Fourier frequencies.
-    """
-
-    num_classes: int
-    hidden_sizes: tuple[int, ...] = (128, 128)
-    conv_channels: tuple[int, ...] = (32, 64)
-    embedding_size: int = 32
-    embedding_type: str = "positional"
-    fourier_scale: float = 16.0
-
-    @nn.compact
-    def __call__(self, x: Array, noise_cond: Array, train: bool = False) -> Array:
-        if self.embedding_type not in EMBEDDING_TYPES:
-            raise ValueError(f"unknown embedding_type {self.embedding_type!r}; valid: {', '.join(EMBEDDING_TYPES)}")
-        temb = embed_noise(
-            jnp.asarray(noise_cond, jnp.float32), self.embedding_type, self.embedding_size, self.fourier_scale
-        )
-        temb = nn.Dense(self.embedding_size, name="temb_dense")(temb)
-        h = x.astype(jnp.float32)
-        if h.ndim == 4:
-            for i, ch in enumerate(self.conv_channels):
-                h = nn.Conv(ch, (3, 3), strides=(2, 2), name=f"conv_{i}")(h)
-                h = h + nn.Dense(ch, name=f"temb_conv_{i}")(nn.silu(temb))[:, None, None, :]
-                h = nn.silu(h)
-            h = jnp.mean(h, axis=(1, 2))
-        elif h.ndim != 2:
-            raise ValueError(f"x must be (batch, d) or (batch, H, W, C), got shape {x.shape}")
-        for i, width in enumerate(self.hidden_sizes):
-            h = nn.Dense(width, name=f"dense_{i}")(h) + nn.Dense(width, name=f"temb_proj_{i}")(nn.silu(temb))
-            h = nn.silu(h)
-        return nn.Dense(self.num_classes, name="logits")(h)
-
-
-def _classifier_apply(model, sde, params, x, t):
-    return model.apply({"params": params}, x, noise_cond(t, sde, model.embedding_type))
-
-
-def make_classifier_apply(model: NoiseConditionalClassifier, sde: SDE) -> Partial:
-    """``classifier_apply(params, x_t, t) -> logits``: the network fed its noise input for time ``t``."""
-    return Partial(_classifier_apply, model, sde)
-
-
-def _classifier_log_prob(model, sde, params, x, t):
-    return jax.nn.log_softmax(_classifier_apply(model, sde, params, x, t).astype(jnp.float32), axis=-1)
-
-
-def make_classifier_log_prob_fn(model: NoiseConditionalClassifier, params, sde: SDE) -> Partial:
-    """``log_prob_y_fn(x, t) -> (batch, num_classes)`` of a trained classifier (for guidance)."""
-    return Partial(_classifier_log_prob, model, sde, params)
-
-
-def noise_conditional_classifier_loss(
-    key: Array,
-    classifier_apply: Callable,
-    params,
-    sde: SDE,
-    x: Float[Array, " b *d"],
-    y: Int[Array, " b"],
-    eps: float = 1e-5,
-) -> Float[Array, " b"]:
-    """Per-example cross-entropy ``-log p_t(y | x_t)`` of a classifier on perturbed data (appendix I.1).
-
-    ``t ~ U(eps, T)`` and ``x_t = alpha(t) x + sigma(t) z`` from the perturbation kernel; example ``i`` draws
-    from ``fold_in(key, i)``.
-
-    Args:
-      key: PRNG key.
-      classifier_apply: ``classifier_apply(params, x_t, t) -> logits`` (:func:`make_classifier_apply`).
-      params: the classifier's parameters.
-      sde: the forward SDE.
-      x: clean data.
-      y: integer labels.
-      eps: smallest time.
-
-    Returns:
-      The ``(batch,)`` losses, before any mean.
-    """
-    keys = C.example_keys(key, x.shape[0])
-    t = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), jnp.float32, eps, sde.T))(keys)
-    z = C.per_example_normal(keys, 1, x.shape[1:])
-    mean, std = sde.marginal_prob(x.astype(jnp.float32), t)
-    x_t = mean + _bc(std, x) * z
-    logits = classifier_apply(params, x_t, t).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-
-def _bc(a, x):
-    return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
-
-
-def train_classifier(
-    key: Array,
-    model: NoiseConditionalClassifier,
-    sde: SDE,
-    x: Array,
-    y: Array,
-    *,
-    steps: int = 1000,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    eps: float = 1e-5,
-):
-    """Trains a noise-conditional classifier with Adam on ``(x, y)`` held in memory.
-
-    Returns:
-      ``(params, losses)``: the trained parameters and the mean loss of every step.
-    """
-    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-    apply = make_classifier_apply(model, sde)
-    params = model.init(jax.random.fold_in(key, 0), x[:1], jnp.zeros((1,)))["params"]
-    tx = optax.adam(learning_rate)
-
-    @jax.jit
-    def run(params, key):
-        def step(carry, i):
-            params, opt_state = carry
-            k = jax.random.fold_in(key, i)
-            idx = jax.random.randint(jax.random.fold_in(k, 0), (batch_size,), 0, x.shape[0])
-            loss_fn = lambda p: jnp.mean(  # noqa: E731
-                noise_conditional_classifier_loss(jax.random.fold_in(k, 1), apply, p, sde, x[idx], y[idx], eps)
-            )
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))
-        return params, losses
-
-    return run(params, jax.random.fold_in(key, 1))
 
 
 # ==========================================================================================================
@@ -391,6 +317,44 @@ def _constrained_ode(key, score_fn, sde, constraint, steps, method, eps, denoise
     return C.finish(x, nfe)
 
 
+def _check_constraint(constraint: Constraint) -> Constraint:
+    """The constraint in float32 with its mask broadcast to the data, or a ``ValueError`` naming what is wrong."""
+    known = jnp.asarray(constraint.known)
+    if known.ndim < 2 or 0 in known.shape:
+        raise ValueError(f"the known data must have shape (batch, *event_shape), got {known.shape}")
+    if not jnp.issubdtype(known.dtype, jnp.floating):
+        raise ValueError(f"the known data must be floating point, got dtype {known.dtype}")
+    known = known.astype(jnp.float32)
+    mask = jnp.asarray(constraint.mask)
+    try:
+        fits = np.broadcast_shapes(mask.shape, known.shape) == known.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to the data's shape {known.shape}; valid: a shape "
+            f"that broadcasts to it, e.g. {known.shape[1:]} (the same for every example) or {known.shape}"
+        )
+    values = _concrete(mask)
+    if values is not None and not np.all((values == 0) | (values == 1)):
+        bad = values[(values != 0) & (values != 1)]
+        raise ValueError(f"mask must hold 0 (unknown) and 1 (known) only, got the value {bad.flat[0]!r}")
+    mask = jnp.broadcast_to(mask.astype(jnp.float32), known.shape)
+    transform = constraint.transform
+    if transform is not None:
+        transform = jnp.asarray(transform, jnp.float32)
+        channels = known.shape[-1]
+        if transform.shape != (channels, channels):
+            raise ValueError(
+                f"transform of shape {transform.shape} for data with {channels} channels; valid: an orthogonal "
+                f"({channels}, {channels}) matrix"
+            )
+        values = _concrete(transform)
+        if values is not None and not np.allclose(values.T @ values, np.eye(channels), rtol=0, atol=1e-5):
+            raise ValueError("transform must be orthogonal (M^T M = I): only then does it commute with the SDE")
+    return Constraint(known, mask, transform)
+
+
 def constrained_sample(
     key: Array,
     score_fn: ScoreFn,
@@ -427,15 +391,17 @@ def constrained_sample(
 
     Returns:
       ``(x, info)`` with ``info["nfe"]``.
+
+    Raises:
+      ValueError: before anything is compiled, for a score whose output does not have the data's shape, a mask
+        that does not broadcast to the data or holds values other than 0 and 1, or a transform that is not an
+        orthogonal ``(C, C)`` matrix.
     """
     C.check_sde(sde)
     steps = C.check_steps(sde.N if steps is None else steps)
     eps = C.check_eps(eps, sde)
-    known = jnp.asarray(constraint.known, jnp.float32)
-    C.check_shape(known.shape)
-    mask = jnp.broadcast_to(jnp.asarray(constraint.mask, jnp.float32), known.shape)
-    transform = None if constraint.transform is None else jnp.asarray(constraint.transform, jnp.float32)
-    constraint = Constraint(known, mask, transform)
+    constraint = _check_constraint(constraint)
+    C.check_score_fn(score_fn, constraint.known.shape)
     score_fn = C.as_partial(score_fn)
     if method in ("euler_maruyama", "reverse_diffusion", "ancestral"):
         method, predictor, corrector = "pc", method, None

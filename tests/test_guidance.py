@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import guidance as G
+from jaxdiff import models as M
 from jaxdiff.oracle import GaussianMixture
 from jaxdiff.samplers import sample
 from jaxdiff.sde import VPSDE
@@ -85,11 +86,11 @@ def test_classifier_free_guidance_w0_is_conditional_and_w_sharpens():
 def test_noise_conditional_classifier_trains_and_guides():
     gm = four_component_mixture()
     x, y = gm.sample(jax.random.key(4), 4096, return_labels=True)
-    model = G.NoiseConditionalClassifier(num_classes=4, hidden_sizes=(64, 64))
-    params, losses = G.train_classifier(jax.random.key(5), model, SDE, x, y, steps=300, batch_size=256)
+    model = M.NoiseConditionalClassifier(num_classes=4, hidden_sizes=(64, 64))
+    params, losses = M.train_classifier(jax.random.key(5), model, SDE, x, y, steps=300, batch_size=256)
     losses = np.asarray(losses)
     assert np.mean(losses[-50:]) < 0.7 * np.mean(losses[:10])
-    log_p = G.make_classifier_log_prob_fn(model, params, SDE)
+    log_p = M.make_classifier_log_prob_fn(model, params, SDE)
     # At small t the classifier recovers the labels of well-separated components.
     xt = gm.sample(jax.random.key(6), 512, return_labels=True)
     acc = np.mean(np.asarray(log_p(xt[0], jnp.full((512,), 0.01)).argmax(-1)) == np.asarray(xt[1]))
@@ -99,17 +100,24 @@ def test_noise_conditional_classifier_trains_and_guides():
     assert out.shape == (512, 2) and bool(jnp.all(jnp.isfinite(out)))
 
 
+def test_classifier_names_moved_to_models_still_resolve_in_guidance():
+    for name in G._MOVED_TO_MODELS:
+        assert getattr(G, name) is getattr(M, name)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        G.NoSuchName  # noqa: B018
+
+
 @pytest.mark.parametrize("event", [(3,), pytest.param((8, 8, 3), marks=pytest.mark.slow)], ids=["vectors", "images"])
 def test_classifier_loss_is_per_example(event):
-    model = G.NoiseConditionalClassifier(num_classes=3, conv_channels=(4, 8), hidden_sizes=(16,))
+    model = M.NoiseConditionalClassifier(num_classes=3, conv_channels=(4, 8), hidden_sizes=(16,))
     x = jax.random.normal(jax.random.key(0), (5, *event))
     y = jnp.array([0, 1, 2, 0, 1])
     params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((5,)))["params"]
-    apply = G.make_classifier_apply(model, SDE)
-    loss = G.noise_conditional_classifier_loss(jax.random.key(2), apply, params, SDE, x, y)
+    apply = M.make_classifier_apply(model, SDE)
+    loss = M.noise_conditional_classifier_loss(jax.random.key(2), apply, params, SDE, x, y)
     assert loss.shape == (5,) and bool(jnp.all(loss > 0))
     # Per-example randomness: the first examples do not depend on the batch size.
-    loss3 = G.noise_conditional_classifier_loss(jax.random.key(2), apply, params, SDE, x[:3], y[:3])
+    loss3 = M.noise_conditional_classifier_loss(jax.random.key(2), apply, params, SDE, x[:3], y[:3])
     np.testing.assert_allclose(loss3, loss[:3], rtol=1e-5, atol=1e-6)
 
 

@@ -8,10 +8,33 @@ All three are Flax Linen modules with one calling convention::
 class-conditional models (label ``num_classes`` is the null class); the output has the shape of
 ``x`` and its meaning (score, noise, denoised data) is fixed by the parameterization around it.
 Parameter counts of the paper's CIFAR-10 networks are in ``PARAMS.md``.
+
+Beside them, the noise-conditional classifier of classifier guidance, :class:`NoiseConditionalClassifier`
+(``model.apply(variables, x, noise_cond) -> logits``), with its loss, a training loop and
+:func:`make_classifier_log_prob_fn`, which turns it into the ``log_prob_y_fn(x, t)`` that
+:func:`jaxdiff.guidance.classifier_guided_score_fn` takes.
 """
 
+from jaxdiff.models._classifier import (
+    NoiseConditionalClassifier,
+    make_classifier_apply,
+    make_classifier_log_prob_fn,
+    noise_conditional_classifier_loss,
+    train_classifier,
+)
 from jaxdiff.models._mlp import MLP
 from jaxdiff.models._ncsnpp import DDPMpp, NCSNpp
 from jaxdiff.models._registry import MODELS, get_model
 
-__all__ = ["NCSNpp", "DDPMpp", "MLP", "get_model", "MODELS"]
+__all__ = [
+    "NCSNpp",
+    "DDPMpp",
+    "MLP",
+    "get_model",
+    "MODELS",
+    "NoiseConditionalClassifier",
+    "make_classifier_apply",
+    "make_classifier_log_prob_fn",
+    "noise_conditional_classifier_loss",
+    "train_classifier",
+]
