@@ -321,30 +321,30 @@ def imported(tmp_path_factory):
     return workdir
 
 
-def test_import_then_sample(imported, fixture_ckpt, monkeypatch):
+def test_import_writes_a_workdir(imported, fixture_ckpt, monkeypatch):
+    """What sample.py, evaluate.py and edit.py read: the config and the EMA parameters of the newest step."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
     import common
 
     config, params, step = common.load_workdir(imported)
-    assert step == 3 and config.sde.name == "vesde"
+    assert step == 3 and config.sde.name == "vesde" and config.data.centered
     _, want = fixture_ckpt.workdir()
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, want))
+
+
+@pytest.mark.slow
+def test_import_then_sample_and_evaluate(imported):
     proc = _run("sample.py", f"--workdir={imported}", "--n=2", "--steps=2", mock_data=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = np.load(os.path.join(imported, "samples_pc_2.npz"))
     assert samples["samples"].shape == (2, 8, 8, 3) and int(samples["nfe"]) == 2 * 2 + 1
     assert np.all(np.isfinite(samples["samples"]))
 
-
-@pytest.mark.slow
-def test_import_then_evaluate(imported):
     proc = _run("evaluate.py", f"--workdir={imported}", "--num_samples=2", "--steps=2", "--likelihood_examples=2",
                 mock_data=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(imported, "eval.json")) as f:
         results = json.load(f)
-    text = json.dumps(results)
-    assert "bits_per_dim" in text
     bpd = next(_find(results, "bits_per_dim"))
     # Mock images are uniform noise, whose entropy is 8 bits/dim: no model's expected bits/dim is lower (Gibbs),
     # and a network trained for three steps is far from it.
@@ -365,14 +365,12 @@ def _find(tree, name):
 
 
 def test_import_errors_are_one_line(tmp_path):
+    """An unsupported config fails before the checkpoint is read, in one line, and writes nothing."""
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(_reference_config(**{"model.nf": 16})))
-    proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={config}", f"--workdir={tmp_path}/w")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert "AttnBlockpp_0/GroupNorm_0/bias" in proc.stderr
     config.write_text(
         json.dumps(_reference_config(**{"training.continuous": False, "model.embedding_type": "positional"}))
     )
     proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={config}", f"--workdir={tmp_path}/w")
-    assert proc.returncode == 2 and "config.training.continuous" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and proc.stderr.startswith("error: config.training.continuous"), proc.stderr
+    assert proc.stderr.count("\n") == 1
     assert not os.path.exists(tmp_path / "w")
