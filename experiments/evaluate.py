@@ -54,7 +54,7 @@ def main(argv):
     results = evaluation.run(config, workdir, params, step=step, split=FLAGS.split, num_samples=FLAGS.num_samples,
                              likelihood_examples=FLAGS.likelihood_examples, method=FLAGS.sampler, steps=FLAGS.steps,
                              num_probes=FLAGS.num_probes, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                             images=False)  # fmt: skip
+                             images=False, quality=True)  # fmt: skip
     evaluation.write_summary(workdir, {"workdir": workdir, **results}, name="eval.json")
     print(f"wrote {workdir}/eval.json")
 

@@ -171,10 +171,12 @@ def sample_quality(config, workdir: str, samples, split: str, seed: int) -> dict
 
 
 def run(config, workdir: str, params, *, step: int, split="test", num_samples=None, likelihood_examples=None,
-        method=None, steps=None, num_probes=None, seed=None, batch_size=BATCH, images=True) -> dict:  # fmt: skip
+        method=None, steps=None, num_probes=None, seed=None, batch_size=BATCH, images=True,
+        quality=None) -> dict:  # fmt: skip
     """The whole protocol: samples (and their grid or scatter plot), the likelihood, and sample quality.
 
-    Every count is stated in the result: ``num_samples`` (samples drawn and scored), ``likelihood_examples``,
+    ``quality`` (default: ``config.eval.quality``) adds FID / KID / classifier score. Every count is stated in
+    the result: ``num_samples`` (samples drawn and scored), ``likelihood_examples``,
     and for sample quality ``num_reference`` and ``kid_subset_size``.
     """
     e = config.eval
@@ -219,7 +221,7 @@ def run(config, workdir: str, params, *, step: int, split="test", num_samples=No
     result[f"{split}_{row['name']}"] = round(row["value"], 4)
     result.update(likelihood_examples=row["examples"], likelihood_nfe=row["nfe"], likelihood_s=row["wall_s"],
                   likelihood_method=row["method"])  # fmt: skip
-    if e.quality and config.data.dataset not in TOY_DATASETS:
+    if (e.quality if quality is None else quality) and config.data.dataset not in TOY_DATASETS:
         scores = sample_quality(config, workdir, x, split, seed)
         for k in ("fid", "kid_mean", "kid_std", "kid_subset_size", "num_reference", "classifier_score",
                   "class_entropy", "reference_classifier_score", "class_histogram"):  # fmt: skip

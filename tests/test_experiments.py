@@ -129,9 +129,11 @@ def test_train_then_sample(tmp_path, config, conditional):
     assert (workdir / "edit_inpaint_center.png").is_file()
     proc = run("evaluate.py", f"--workdir={workdir}", "--num_samples=16", "--steps=2", "--likelihood_examples=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    scores = {r["name"]: r for r in json.loads((workdir / "eval.json").read_text())["scores"]}
-    assert {"bits_per_dim", "fid", "kid_mean", "classifier_score"} <= set(scores)
-    assert all(r["nfe"] > 0 and r["wall_s"] > 0 for r in scores.values())
+    scores = json.loads((workdir / "eval.json").read_text())
+    assert {"test_bits_per_dim", "fid", "kid_mean", "kid_std", "classifier_score"} <= set(scores)
+    assert scores["num_samples"] == 16 and scores["likelihood_examples"] == 4 and scores["sampler_steps"] == 2
+    assert scores["kid_subset_size"] < 16 and scores["kid_std"] > 0  # subsets smaller than the sets
+    assert scores["sampler_nfe"] > 0 and scores["likelihood_nfe"] > 0
 
 
 def test_resume_continues_from_saved_step(tmp_path):
