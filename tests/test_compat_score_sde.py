@@ -352,12 +352,13 @@ def test_import_then_sample_and_evaluate(imported):
 
 
 def _find(tree, name):
+    """Numbers under a key (or a ``{"name": ..., "value": ...}`` row) whose name contains ``name``."""
     if isinstance(tree, dict):
-        if tree.get("name") == name and "value" in tree:
+        if name in str(tree.get("name", "")) and isinstance(tree.get("value"), (int, float)):
             yield tree["value"]
-        if isinstance(tree.get(name), (int, float)):
-            yield tree[name]
-        for v in tree.values():
+        for k, v in tree.items():
+            if name in k and isinstance(v, (int, float)):
+                yield v
             yield from _find(v, name)
     elif isinstance(tree, list):
         for v in tree:
