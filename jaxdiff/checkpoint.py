@@ -142,9 +142,7 @@ def _check_compatible(saved: PyTree, target: PyTree, what: str) -> None:
     problems += [f"{k}: in the target, not in the checkpoint" for k in sorted(want.keys() - have)]
     problems += [f"{k}: in the checkpoint, not in the target" for k in sorted(have.keys() - want)]
     if problems:
-        shown = "; ".join(problems[:20]) + (
-            f"; ... ({len(problems)} in all)" if len(problems) > 20 else ""
-        )
+        shown = "; ".join(problems[:20]) + (f"; ... ({len(problems)} in all)" if len(problems) > 20 else "")
         raise CheckpointMismatchError(f"{what} does not match the target: {shown}")
 
 
@@ -264,9 +262,7 @@ class Checkpointer:
         if step is None:
             return None
         self.wait()
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-        )
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
         return dict(restored[_META] or {})
 
     def _resolve(self, step: int | None) -> int | None:

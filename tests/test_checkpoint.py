@@ -75,9 +75,7 @@ def test_round_trip_is_bitwise(tmp_path, async_save):
     assert_bitwise_equal(restored, state)
     assert ckpt.metadata() == {"config": {"lr": 1e-3, "sde": "vp"}, "data": {"step": 7}}
     # The restored key is a typed key of the same implementation and draws the same numbers.
-    np.testing.assert_array_equal(
-        jax.random.normal(restored.key, (3,)), jax.random.normal(state.key, (3,))
-    )
+    np.testing.assert_array_equal(jax.random.normal(restored.key, (3,)), jax.random.normal(state.key, (3,)))
     ckpt.close()
 
 
@@ -207,3 +205,38 @@ def test_restore_across_device_counts(tmp_path):
     assert restored["w"].sharding.spec == P("data")
     assert len(restored["w"].addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(restored["w"]), x)
+
+
+def test_restore_newest_takes_state_and_metadata_from_the_same_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
+    ckpt.save(1, make_state(seed=1), metadata={"data": {"step": 1}})
+    ckpt.save(2, make_state(seed=2), metadata={"data": {"step": 2}})
+    ckpt.close()
+    _corrupt(tmp_path / "2")  # its metadata still reads: only the state is damaged
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
+    found = ckpt.restore_newest(make_state(seed=5))
+    assert found.step == 1 and found.metadata == {"data": {"step": 1}}
+    assert_bitwise_equal(found.value, make_state(seed=1))
+    assert [s for s, _ in found.unreadable] == [2] and "\n" not in found.unreadable[0][1]
+    assert ckpt.all_steps() == [1, 2]  # reading moves nothing
+    ema = ckpt.restore_newest(read=ckpt.restore_ema)
+    assert ema.step == 1 and ema.metadata == {"data": {"step": 1}}
+    assert_bitwise_equal(ema.value, jax.tree.map(jnp.asarray, make_state(seed=1).ema_params))
+
+
+def test_save_over_an_unreadable_step_moves_it_aside_and_writes_anew(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    ckpt.save(1, make_state(seed=1))
+    ckpt.save(2, make_state(seed=2))
+    ckpt.close()
+    _corrupt(tmp_path / "2")
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    assert ckpt.save(2, make_state(seed=3), metadata={"data": {"step": 2}})
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "corrupt-2"]
+    assert_bitwise_equal(ckpt.restore(make_state(seed=5), 2), make_state(seed=3))
+    assert ckpt.save(2, make_state(seed=4)) is False  # a readable step is never overwritten
+    # Moved-aside checkpoints are never deleted: not by a second move, not by keep-last-K.
+    assert ckpt.move_aside(2).endswith("corrupt-2-2")
+    for step in (3, 4, 5):
+        ckpt.save(step, make_state(seed=step))
+    assert sorted(os.listdir(tmp_path)) == ["4", "5", "corrupt-2", "corrupt-2-2"]

@@ -200,26 +200,21 @@ def evaluated(tmp_path_factory):
     return dict(workdir=workdir, code=proc.returncode, out=out, err=err, deleted_rows=deleted_rows)
 
 
-def test_metrics_survive_deletion_and_rotation(evaluated):
+def test_metrics_survive_deletion_and_rotation_and_evaluate_repeats_the_summary(evaluated):
     workdir = evaluated["workdir"]
     assert evaluated["code"] == 0, evaluated["err"][-3000:]
+    # 3: the rows after the deletion and after the rotation went to a new metrics.jsonl; the summary was written.
     rotated = [json.loads(x) for x in (workdir / "metrics.jsonl.1").read_text().splitlines()]
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert rotated and rows and rows[-1]["step"] == 3000
-    assert rotated[-1]["step"] < rows[0]["step"]  # the rows after the rotation went to the new file
+    assert rotated[-1]["step"] < rows[0]["step"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_loss"] == pytest.approx(rows[-1]["loss"], abs=1e-4)
     assert (workdir / "loss.png").is_file()
-
-
-def test_no_carriage_returns_without_a_terminal(evaluated):
+    # 12: without a terminal, no carriage-return progress bar but a plain line per log interval.
     assert "\r" not in evaluated["err"] and "\r" not in evaluated["out"]
     assert "step 50/3000  loss " in evaluated["out"] and "step 3000/3000  loss " in evaluated["out"]
-
-
-def test_evaluate_by_default_repeats_the_summary_and_states_its_counts(evaluated):
-    workdir = evaluated["workdir"]
-    summary = json.loads((workdir / "summary.json").read_text())
+    # 13: evaluate.py without flags is the summary's protocol: same counts, same samples, same numbers.
     code, out, err = run("evaluate.py", f"--workdir={workdir}")
     assert code == 0, err[-3000:]
     result = json.loads((workdir / "eval.json").read_text())
@@ -228,8 +223,8 @@ def test_evaluate_by_default_repeats_the_summary_and_states_its_counts(evaluated
         assert result[key] == summary[key], key
     assert summary["num_samples"] == 40 and summary["likelihood_examples"] == 16
     # 9: the adaptive ODE sampler from the command line (no step count passed to it).
-    code, out, err = run("evaluate.py", f"--workdir={workdir}", "--sampler=ode", "--num_samples=8",
-                         "--likelihood_examples=4")  # fmt: skip
+    code, out, err = run("evaluate.py", f"--workdir={workdir}", "--sampler=ode", "--num_samples=4",
+                         "--likelihood_examples=2")  # fmt: skip
     assert code == 0, err[-3000:]
     result = json.loads((workdir / "eval.json").read_text())
     assert result["sampler"] == "ode" and result["sampler_steps"] is None and result["sampler_nfe"] > 10
@@ -301,7 +296,7 @@ def test_one_writer_per_workdir_and_a_stale_lock_is_taken_over(copy):
     first.send_signal(signal.SIGKILL)  # leaves its lock file behind
     first.communicate(timeout=60)
     assert lock.exists()
-    code, out, err = run("train.py", f"--workdir={copy}", *ARGS, "--config.training.n_iters=6")
+    code, out, err = run("train.py", f"--workdir={copy}", *ARGS)  # already past step 4: nothing to train
     assert code == 0, err[-3000:]
     assert f"took over the stale lock of PID {first.pid}" in out, out
     assert not lock.exists()
