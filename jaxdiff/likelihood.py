@@ -27,8 +27,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Real
 
+from jaxdiff.ode import check_tolerance
 from jaxdiff.per_example import PerExample
 from jaxdiff.samplers import _common as C
 from jaxdiff.samplers.ode import match_batch_sharding, probability_flow_drift, solve_batch
@@ -120,12 +122,11 @@ def _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_exampl
         raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
     if noise not in NOISES:
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-    C.check_steps(num_probes, "num_probes")
-    C.check_steps(max_steps, "max_steps")
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(tol, (int, float)) and tol > 0):
-            raise ValueError(f"{name} must be a positive number, got {tol!r}")
-    return eps, (float(rtol), float(atol), max_steps, bool(per_example_steps))
+    num_probes = C.check_steps(num_probes, "num_probes")
+    max_steps = C.check_steps(max_steps, "max_steps")
+    rtol = check_tolerance(rtol, "rtol")
+    atol = check_tolerance(atol, "atol")
+    return eps, num_probes, (rtol, atol, max_steps, bool(per_example_steps))
 
 
 def log_likelihood(
@@ -173,7 +174,7 @@ def log_likelihood(
     >>> bool(jnp.allclose(logp, gm.log_prob(x), atol=0.05))
     True
     """
-    eps, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
+    eps, num_probes, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
     x = C.check_data(x)
     C.check_score_fn(score_fn, tuple(x.shape))
     return _log_likelihood_jit(key, C.as_partial(score_fn), sde, jnp.asarray(x), trace, noise, num_probes, eps, options)
@@ -188,6 +189,38 @@ def uniform_dequantize(key: PRNGKeyArray, x: Real[Array, "batch ..."]) -> Float[
     keys = C.example_keys(key, x.shape[0])
     u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, DEQUANT_STREAM), x.shape[1:]))(keys)
     return (x.astype(jnp.float32) + match_batch_sharding(u, x)) / 256.0
+
+
+def _check_image_data(x) -> Array:
+    """8-bit data for :func:`bits_per_dim`: integers in ``{0, ..., 255}`` or floats in ``[0, 1]``, a non-empty batch.
+
+    The values are checked when ``x`` is concrete (not under a caller's ``jit``): data in ``0..255`` given as
+    floats, or already centred to ``[-1, 1]``, would otherwise give a finite, wrong bits/dim.
+    """
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (batch, *event_shape), got {tuple(x.shape)}")
+    if x.shape[0] == 0 or math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); bits/dim needs at least one example of one dimension")
+    is_int = jnp.issubdtype(x.dtype, jnp.integer)
+    if not (is_int or jnp.issubdtype(x.dtype, jnp.floating)):
+        raise ValueError(f"x must be integer data in {{0, ..., 255}} or floats in [0, 1], got dtype {x.dtype}")
+    if isinstance(x, jax.core.Tracer):
+        return x
+    lo, hi = (float(v) for v in jax.device_get((jnp.min(x), jnp.max(x))))
+    if is_int and not (0 <= lo and hi <= 255):
+        raise ValueError(f"integer x must be 8-bit data in {{0, ..., 255}}, got values in [{lo:g}, {hi:g}]")
+    if not is_int and not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("x contains NaN or infinite values; bits/dim needs data in [0, 1]")
+    if not is_int and not (0.0 <= lo and hi <= 1.0):
+        hint = (
+            " (8-bit values as floats? pass integers, e.g. x.astype(np.uint8))"
+            if hi > 1.0
+            else " (already centred? pass data in [0, 1]; centered=True maps it to [-1, 1])"
+        )
+        raise ValueError(f"float x must lie in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
+    return x
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "centered", "dequantize"))
@@ -251,15 +284,13 @@ def bits_per_dim(
       ``(bpd, info)``: ``bpd = -log p(y) / (D log 2) + 7`` (``+ 8`` if not ``centered``) per
       example, and ``info`` as in :func:`log_likelihood`.
     """
-    x = jnp.asarray(x)
+    x = _check_image_data(x)
     is_int = jnp.issubdtype(x.dtype, jnp.integer)
     if dequantize is None:
         dequantize = bool(is_int)
     if dequantize and not is_int:
         raise ValueError("dequantize=True needs integer data in {0, ..., 255}; float data is used as given")
-    eps, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (batch, *event_shape), got {tuple(x.shape)}")
+    eps, num_probes, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
     C.check_score_fn(score_fn, tuple(x.shape))
     return _bits_per_dim(
         key,

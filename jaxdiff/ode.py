@@ -27,6 +27,8 @@ Step-size control (adaptive solver):
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jax_core
 
-__all__ = ["solve", "dopri5", "euler", "heun", "rk4", "METHODS"]
+__all__ = ["solve", "dopri5", "euler", "heun", "rk4", "METHODS", "STATUS", "check_count", "check_tolerance"]
 
 PyTree = Any
 VectorField = Callable[[jax.Array, PyTree, Any], PyTree]
@@ -136,7 +138,12 @@ _K_P = 0.04  # proportional gain
 _MIN_FACTOR = 0.2
 _MAX_FACTOR = 10.0
 
-_RUNNING, _DONE, _MAX_STEPS, _STEP_TOO_SMALL = 0, 1, 2, 3
+_RUNNING, _DONE, _MAX_STEPS, _STEP_TOO_SMALL, _NONFINITE = 0, 1, 2, 3, 4
+# Why a solve ended, as ``info["status"]`` reports it.
+STATUS = {_DONE: "done", _MAX_STEPS: "max_steps", _STEP_TOO_SMALL: "step_too_small", _NONFINITE: "nonfinite"}
+# Batched mode: an example whose error estimate is non-finite in this many attempts is dropped (each such attempt
+# shrinks the shared step five-fold); a field that is not finite at the initial state drops it at once.
+_NONFINITE_STRIKES = 3
 
 
 def _combine(y: PyTree, h, ks: tuple[PyTree, ...], coeffs: tuple[float, ...]) -> PyTree:
@@ -151,12 +158,45 @@ def _combine(y: PyTree, h, ks: tuple[PyTree, ...], coeffs: tuple[float, ...]) ->
     return jax.tree.map(leaf, y, *(k for _, k in terms))
 
 
-def _rms_norm(tree: PyTree) -> jax.Array:
-    """RMS over every element of every leaf, in float32."""
+def _rms_norm(tree: PyTree, live=None) -> jax.Array:
+    """RMS over every element of every leaf, in float32.
+
+    With ``live`` (a boolean ``(batch,)`` mask; every leaf then leads with the batch axis) the RMS is over the
+    elements of the live examples only, so a dropped (possibly non-finite) example cannot steer the result.
+    """
+    if live is None:
+        leaves = jax.tree.leaves(tree)
+        total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
+        count = sum(leaf.size for leaf in leaves)
+        return jnp.sqrt(total / count)
+    per_example = _example_mean_square(tree)
+    count = jnp.maximum(jnp.sum(live), 1)
+    return jnp.sqrt(jnp.sum(jnp.where(live, per_example, 0.0)) / count)
+
+
+def _example_mean_square(tree: PyTree) -> jax.Array:
+    """Mean square of each example's elements, ``(batch,)`` in float32 (every leaf leads with the batch axis)."""
     leaves = jax.tree.leaves(tree)
-    total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
-    count = sum(leaf.size for leaf in leaves)
-    return jnp.sqrt(total / count)
+    batch = leaves[0].shape[0]
+    total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(batch, -1), axis=-1) for leaf in leaves)
+    return total / (sum(leaf.size for leaf in leaves) // batch)
+
+
+def _example_finite(tree: PyTree) -> jax.Array:
+    """Whether each example's elements are all finite, ``(batch,)`` (every leaf leads with the batch axis)."""
+    leaves = jax.tree.leaves(tree)
+    batch = leaves[0].shape[0]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(batch, -1)), axis=-1) for leaf in leaves]), axis=0)
+
+
+def _select(mask, a: PyTree, b: PyTree) -> PyTree:
+    """``a`` where ``mask`` else ``b``, leaf by leaf; a ``(batch,)`` mask selects whole examples."""
+
+    def leaf(u, v):
+        m = jnp.reshape(mask, jnp.shape(mask) + (1,) * (u.ndim - jnp.ndim(mask)))
+        return jnp.where(m, u, v)
+
+    return jax.tree.map(leaf, a, b)
 
 
 def _scaled(tree: PyTree, y0: PyTree, y1: PyTree, rtol, atol) -> PyTree:
@@ -177,20 +217,22 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args):
+def _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args, live=None):
     """Hairer's starting step size (Solving ODEs I, Sec. II.4). Costs one NFE.
 
     Unlike the textbook version, the trial step never leaves ``[t0, t1]``: a vector field need not
     be defined (or finite) outside the interval, e.g. the VE SDE's ``sigma(t)`` overflows for t >> T.
+    With ``live`` (batched mode), only the live examples' norms count.
     """
     scale = lambda tree: _scaled(tree, y0, y0, rtol, atol)
-    d0 = _rms_norm(scale(y0))
-    d1 = _rms_norm(scale(f0))
+    _rms_norm_live = lambda tree: _rms_norm(tree, live)
+    d0 = _rms_norm_live(scale(y0))
+    d1 = _rms_norm_live(scale(f0))
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
     h0 = jnp.minimum(h0, span)
     y1 = _combine(y0, direction * h0, (f0,), (1.0,))
     f1 = f(t0 + direction * h0, y1, args)
-    d2 = _rms_norm(scale(jax.tree.map(lambda a, b: a - b, f1, f0))) / h0
+    d2 = _rms_norm_live(scale(jax.tree.map(lambda a, b: a - b, f1, f0))) / h0
     order = 5.0  # order + 1 of the 4th-order error estimate
     h1 = jnp.where(
         jnp.maximum(d1, d2) <= 1e-15,
@@ -198,7 +240,8 @@ def _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args):
         (0.01 / jnp.maximum(d1, d2)) ** (1.0 / order),
     )
     h = jnp.minimum(100.0 * h0, h1)
-    return jnp.where(jnp.isfinite(h), h, h0)
+    h = jnp.where(jnp.isfinite(h), h, h0)
+    return jnp.where(jnp.isfinite(h) & (h > 0), h, jnp.minimum(1e-6, span))
 
 
 def dopri5(
@@ -213,6 +256,7 @@ def dopri5(
     dt0=None,
     args=None,
     stage_loop: bool | None = None,
+    batched: bool = False,
 ) -> tuple[PyTree, dict]:
     """Adaptive Dormand--Prince 5(4) with FSAL, PI step-size control and automatic first step.
 
@@ -231,11 +275,18 @@ def dopri5(
         rather than six times (``True``: far less compile time for a network), or unrolled (``False``:
         faster per step for a cheap ``f``). ``None`` chooses by the size of ``f``: a loop from
         ``STAGE_LOOP_MIN_OPS`` primitive operations up. The results are the same either way.
+      batched: every leaf of ``y`` leads with a batch axis of independent problems that share one step
+        size. The error norm is then the RMS over the examples still running; an example whose field is
+        not finite at an accepted state, or whose error estimate stays non-finite while the step shrinks,
+        is dropped: frozen where it was, reported in ``info["success"]`` (one flag per example), and no
+        longer able to steer the step of the others.
 
     Returns:
       ``(y1, info)`` with ``y1`` the state at ``info["t_final"]`` (``t1`` on success) and ``info``
       holding ``nfe`` (vector-field evaluations), ``steps`` (attempted), ``accepted``,
-      ``rejected``, ``success`` and ``t_final``.
+      ``rejected``, ``success``, ``status`` (a code of :data:`STATUS`) and ``t_final``. A failed solve
+      returns the state where it stopped: check ``success`` (the samplers and the likelihood turn a
+      failed example into NaN).
     """
     tdtype = _time_dtype(t0, t1)
     t0 = jnp.asarray(t0, tdtype)
@@ -246,10 +297,14 @@ def dopri5(
     span = jnp.abs(t1 - t0)
 
     f0 = f(t0, y0, args)
+    if batched:
+        live0 = _example_finite(f0) & _example_finite(y0)
+    else:
+        live0 = None
     if stage_loop is None:
         stage_loop = _field_ops(f, t0, y0, args) >= STAGE_LOOP_MIN_OPS
     if dt0 is None:
-        h = _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args).astype(tdtype)
+        h = _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args, live0).astype(tdtype)
         nfe0 = 2
     else:
         h = jnp.abs(jnp.asarray(dt0, tdtype))
@@ -257,7 +312,7 @@ def dopri5(
     h = jnp.minimum(h, span)
 
     def step(carry):
-        t, y, k1, h, err_prev, last_rejected, steps, accepted, rejected, status = carry
+        t, y, k1, h, err_prev, last_rejected, steps, accepted, rejected, status, live, strikes, t_stop, h_good = carry
         remaining = jnp.abs(t1 - t)
         # Stretch the step by up to 1% rather than leave a sliver at the end (as in Hairer's code).
         last = 1.01 * h >= remaining
@@ -278,8 +333,16 @@ def dopri5(
             y_new = y_stage  # the last stage is evaluated at the 5th-order solution (FSAL)
             err = _combine(jax.tree.map(jnp.zeros_like, y), dt, tuple(ks), _E)
             k_last = ks[6]
-        err_norm = _rms_norm(_scaled(err, y, y_new, rtol, atol))
-        ok = jnp.isfinite(err_norm)
+        scaled_err = _scaled(err, y, y_new, rtol, atol)
+        if batched:
+            # Each example's error; the examples still running steer the step, the others are ignored.
+            example_err = _example_mean_square(scaled_err)
+            bad = live & ~jnp.isfinite(example_err)
+            ok = ~jnp.any(bad)
+            err_norm = _rms_norm(scaled_err, live & ~bad)
+        else:
+            err_norm = _rms_norm(scaled_err)
+            ok = jnp.isfinite(err_norm)
         accept = ok & (err_norm <= 1.0)
 
         # PI control on acceptance; pure I control (and never growth) after a rejection.
@@ -291,18 +354,34 @@ def dopri5(
         factor_rej = jnp.where(ok, jnp.minimum(factor_rej, 1.0), _MIN_FACTOR)
         h_next = (h_used * jnp.where(accept, factor_acc, factor_rej)).astype(tdtype)
 
-        pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(accept, u, v), a, b)
         t_out = jnp.where(accept, t_new, t)
-        y_out = pick(y_new, y)
-        k1_out = pick(k_last, k1)  # FSAL: f(t_new, y_new) is the next step's first stage
+        if batched:
+            moved = accept & live
+        else:
+            moved = accept
+        y_out = _select(moved, y_new, y)
+        k1_out = _select(moved, k_last, k1)  # FSAL: f(t_new, y_new) is the next step's first stage
         err_prev_out = jnp.where(accept, jnp.maximum(err_norm, 1e-4), err_prev)
         steps = steps + 1
         accepted = accepted + accept.astype(jnp.int32)
         rejected = rejected + (~accept).astype(jnp.int32)
         done = accept & last
         too_small = (~done) & ((t_out + direction * h_next == t_out) | ~jnp.isfinite(h_next))
+        if batched:
+            # Drop the examples that were non-finite in several attempts, or are when the step can shrink no
+            # further; the others go on from the last step size that every live example accepted.
+            strikes = strikes + bad.astype(jnp.int32)
+            drop = (bad & (strikes >= _NONFINITE_STRIKES)) | (live & too_small & (strikes > 0))
+            t_stop = jnp.where(drop, t, t_stop)
+            live = live & ~drop
+            dropped = jnp.any(drop)
+            too_small = too_small & ~dropped
+            h_next = jnp.where(dropped, h_good, h_next)
+            h_good = jnp.where(accept, h_used, h_good).astype(tdtype)
         status = jnp.where(steps >= max_steps, _MAX_STEPS, _RUNNING)
-        status = jnp.where(done, _DONE, jnp.where(too_small, _STEP_TOO_SMALL, status))
+        status = jnp.where(done, _DONE, jnp.where(too_small, jnp.where(ok, _STEP_TOO_SMALL, _NONFINITE), status))
+        if batched:
+            status = jnp.where(jnp.any(live), status, _NONFINITE)
         return (
             t_out,
             y_out,
@@ -314,18 +393,51 @@ def dopri5(
             accepted,
             rejected,
             status,
+            live,
+            strikes,
+            t_stop,
+            h_good,
         )
 
     zero = jnp.zeros((), jnp.int32)
-    init_status = jnp.where(span == 0, _DONE, jnp.where(max_steps <= 0, _MAX_STEPS, _RUNNING))
-    carry = (t0, y0, f0, h, jnp.float32(1e-4), jnp.bool_(False), zero, zero, zero, init_status)
-    t, y, _, _, _, _, steps, accepted, rejected, status = lax.while_loop(lambda c: c[-1] == _RUNNING, step, carry)
+    if batched:
+        init_status = jnp.where(jnp.any(live0), _RUNNING, _NONFINITE)
+        live, strikes, t_stop = live0, jnp.zeros(live0.shape, jnp.int32), jnp.full(live0.shape, t0)
+    else:
+        # A field that is not finite at the initial state cannot be integrated by any step size.
+        init_status = jnp.where(_all_finite(f0) & _all_finite(y0), _RUNNING, _NONFINITE)
+        live, strikes, t_stop = jnp.bool_(True), zero, t0
+    init_status = jnp.where(span == 0, _DONE, jnp.where(max_steps <= 0, _MAX_STEPS, init_status))
+    carry = (
+        t0,
+        y0,
+        f0,
+        h,
+        jnp.float32(1e-4),
+        jnp.bool_(False),
+        zero,
+        zero,
+        zero,
+        init_status,
+        live,
+        strikes,
+        t_stop,
+        h,
+    )
+    t, y, _, _, _, _, steps, accepted, rejected, status, live, _, t_stop, _ = lax.while_loop(
+        lambda c: c[9] == _RUNNING, step, carry
+    )
+    success = status == _DONE
+    if batched:
+        success = success & live
+        t = jnp.where(live, t, t_stop)
     info = {
         "nfe": nfe0 + 6 * steps,
         "steps": steps,
         "accepted": accepted,
         "rejected": rejected,
-        "success": status == _DONE,
+        "success": success,
+        "status": jnp.where(live, status, _NONFINITE) if batched else status,
         "t_final": t,
     }
     return y, info
@@ -353,9 +465,8 @@ def _rk4_step(f, t, y, dt, args):
 
 
 def _fixed(step_fn, stages: int):
-    def solver(f: VectorField, y0: PyTree, t0, t1, *, steps: int, args=None) -> tuple[PyTree, dict]:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    def solver(f: VectorField, y0: PyTree, t0, t1, *, steps: int, args=None, batched: bool = False):
+        steps = check_count(steps, "steps")
         tdtype = _time_dtype(t0, t1)
         ts = jnp.linspace(jnp.asarray(t0, tdtype), jnp.asarray(t1, tdtype), steps + 1)
 
@@ -365,12 +476,14 @@ def _fixed(step_fn, stages: int):
 
         y1, _ = lax.scan(body, y0, jnp.stack([ts[:-1], ts[1:]], axis=-1))
         n = jnp.asarray(steps, jnp.int32)
+        success = _example_finite(y1) if batched else _all_finite(y1)
         info = {
             "nfe": stages * n,
             "steps": n,
             "accepted": n,
             "rejected": jnp.zeros((), jnp.int32),
-            "success": _all_finite(y1),
+            "success": success,
+            "status": jnp.where(success, _DONE, _NONFINITE),
             "t_final": ts[-1],
         }
         return y1, info
@@ -406,6 +519,7 @@ def solve(
     dt0=None,
     args=None,
     stage_loop: bool | None = None,
+    batched: bool = False,
 ) -> tuple[PyTree, dict]:
     """Integrates ``dy/dt = f(t, y, args)`` from ``t0`` to ``t1``.
 
@@ -422,10 +536,14 @@ def solve(
       dt0: first step of the adaptive solver; ``None`` for automatic selection.
       args: passed through to ``f``.
       stage_loop: adaptive only: the stages of a step in a loop or unrolled (see :func:`dopri5`).
+      batched: every leaf of ``y`` leads with a batch axis of independent problems sharing the steps;
+        ``info["success"]`` is then per example, and a non-finite example cannot steer the step size of the
+        others (see :func:`dopri5`).
 
     Returns:
-      ``(y1, info)``; ``info`` has ``nfe``, ``steps``, ``accepted``, ``rejected``, ``success``
-      and ``t_final``.
+      ``(y1, info)``; ``info`` has ``nfe``, ``steps``, ``accepted``, ``rejected``, ``success``,
+      ``status`` and ``t_final``. Tolerances given as Python or NumPy numbers are checked here (positive and
+      finite); traced ones are the caller's to check.
 
     >>> import jax.numpy as jnp
     >>> f = lambda t, y, args: {"x": y["x"] * t}
@@ -438,9 +556,51 @@ def solve(
     if method in ADAPTIVE:
         if steps is not None:
             raise ValueError(f"steps is for fixed-step methods; {method!r} chooses its own steps")
+        rtol = check_tolerance(rtol, "rtol")
+        atol = check_tolerance(atol, "atol")
+        max_steps = check_count(max_steps, "max_steps")
         return dopri5(
-            f, y0, t0, t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, args=args, stage_loop=stage_loop
+            f,
+            y0,
+            t0,
+            t1,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            dt0=dt0,
+            args=args,
+            stage_loop=stage_loop,
+            batched=batched,
         )
     if steps is None:
         raise ValueError(f"method {method!r} needs steps (the number of uniform steps)")
-    return METHODS[method](f, y0, t0, t1, steps=steps, args=args)
+    return METHODS[method](f, y0, t0, t1, steps=steps, args=args, batched=batched)
+
+
+# The largest step count a solver or sampler takes: step indices and NFE counters are int32, and a time grid of
+# more points than this cannot be resolved in float32 anyway (steps shorter than its spacing near t = 1).
+MAX_COUNT = 2**24
+
+
+def check_count(value, name: str = "steps", *, maximum: int = MAX_COUNT) -> int:
+    """A positive integer (a Python or NumPy integer) of at most ``maximum``, returned as an ``int``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    value = int(value)
+    if not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be a positive integer of at most {maximum}, got {value}")
+    return value
+
+
+def check_tolerance(value, name: str):
+    """A solver tolerance: a positive finite Python or NumPy number (returned as a ``float``), or a traced value."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v

@@ -95,7 +95,7 @@ CASES = [
         "likelihood: negative tolerance",
         lambda: log_likelihood(KEY, GOOD_SCORE, SDE, jnp.zeros((4, 2)), rtol=-1.0),
         ValueError,
-        "rtol must be a positive number",
+        "rtol must be a positive finite number, got -1.0",
     ),
     (
         "bits/dim: dequantising float data",

@@ -91,15 +91,6 @@ def test_samples_do_not_depend_on_batch_size(method):
     assert not np.allclose(a, d)
 
 
-def test_per_example_langevin_is_batch_independent():
-    sde = VPSDE()
-    score_fn = four_component_mixture().score_fn(sde)
-    kw = dict(method="pc", steps=10, corrector="langevin_per_example")
-    a, _ = jaxdiff.sample(jax.random.key(0), score_fn, sde, (4, 2), **kw)
-    b, _ = jaxdiff.sample(jax.random.key(0), score_fn, sde, (12, 2), **kw)
-    np.testing.assert_allclose(a, b[:4], rtol=1e-6, atol=1e-6)
-
-
 def test_works_on_images_and_counts_nfe():
     sde = VPSDE()
     score_fn = lambda x, t: -x  # exact score of N(0, I) under VP  # noqa: E731
@@ -180,8 +171,6 @@ def test_sharded_batch_gives_the_same_samples(method):
     sde = VPSDE()
     score_fn = four_component_mixture().score_fn(sde)
     opts = dict(rtol=1e-4, atol=1e-4) if method == "ode" else dict(steps=8)
-    if method == "pc":
-        opts["corrector"] = "langevin_per_example"
     mesh = make_mesh()
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     run = lambda k: jaxdiff.sample(k, score_fn, sde, (32, 2), method=method, **opts)[0]  # noqa: E731

@@ -13,13 +13,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
+from jaxdiff.ode import check_count
 from jaxdiff.sde import SDE
 
 Array = jax.Array
@@ -42,7 +45,7 @@ def as_partial(fn: Callable) -> Partial:
 def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Validates a sample shape ``(batch, ...)``."""
     try:
-        if any(isinstance(s, (bool, float)) for s in shape):
+        if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral) for s in shape):
             raise TypeError
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError) as err:
@@ -162,12 +165,42 @@ def finish_sampling(score_fn: ScoreFn, sde: SDE, x: Array, t_end, nfe, denoise: 
 
 
 def check_steps(steps, name: str = "steps") -> int:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"{name} must be a positive integer, got {steps!r}")
-    return steps
+    """A positive Python or NumPy integer of at most :data:`jaxdiff.ode.MAX_COUNT`, as an ``int``."""
+    return check_count(steps, name)
+
+
+def is_real(value) -> bool:
+    """A real scalar given as a Python or NumPy number (not a bool, not an array of more than one element)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    return isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and jnp.issubdtype(value.dtype, jnp.number)
+
+
+def check_real(value, name: str, *, low=None, high=None, low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real Python or NumPy scalar in ``[low, high]`` (open ends as asked), as a ``float``.
+
+    Raises ``ValueError`` naming ``name``, the value and the valid range otherwise.
+    """
+    v = float(value) if is_real(value) and not isinstance(value, jax.core.Tracer) else math.nan
+    ok = math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high}")
+        valid = f" {' and '.join(bounds)}" if bounds else ""
+        raise ValueError(f"{name} must be a finite number{valid}, got {value!r}")
+    return v
 
 
 def check_eps(eps, sde: SDE) -> float:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps < sde.T):
+    if not (is_real(eps) and math.isfinite(float(eps)) and 0 <= float(eps) < sde.T):
         raise ValueError(f"eps must satisfy 0 <= eps < T={sde.T}, got {eps!r}")
     return float(eps)

@@ -97,8 +97,9 @@ def solve_batch(
 
     Returns:
       ``(y1, info)``: ``info["nfe"]`` counts batched evaluations of ``vector_field`` (the slowest
-      example's count when stepping per example); ``info["nfe_per_example"]``, ``info["steps"]``
-      and ``info["success"]`` are per example.
+      example's count when stepping per example); ``info["nfe_per_example"]``, ``info["steps"]``,
+      ``info["success"]`` and ``info["status"]`` (a code of :data:`jaxdiff.ode.STATUS`) are per example. An
+      example whose solve failed (step limit, step-size underflow, a non-finite field) is NaN in ``y1``.
     """
     first = jax.tree.leaves(y0)[0]
     batch = first.shape[0]
@@ -144,16 +145,26 @@ def solve_batch(
             )
         y1, info = solve_all(y0, args)
     else:
+        # One step size for the batch; an example that goes non-finite is dropped from the error control.
         batched = lambda t, y, a: vector_field(jnp.full((batch,), t), y, a)
-        y1, info = ode.solve(batched, y0, t0, t1, method=method, steps=steps, args=args, **solver_kwargs)
+        y1, info = ode.solve(batched, y0, t0, t1, method=method, steps=steps, args=args, batched=True, **solver_kwargs)
         info = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,)), info)
+    # A solve that did not finish (step limit, step size underflow, a non-finite field) has no result: its
+    # example comes back as NaN, which the callers count in info["nonfinite"]; the other examples are untouched.
+    success = info["success"]
+    y1 = jax.tree.map(lambda leaf: jnp.where(_expand_to(success, leaf), leaf, jnp.nan), y1)
     out = {
         "nfe": jnp.max(info["nfe"]),
         "nfe_per_example": info["nfe"],
         "steps": info["steps"],
-        "success": info["success"],
+        "success": success,
+        "status": info["status"],
     }
     return y1, out
+
+
+def _expand_to(mask: Array, leaf: Array) -> Array:
+    return jnp.reshape(mask, mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
 def _flow(score_fn, sde, x, t0, t1, options):
@@ -184,9 +195,11 @@ def _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_s
         if steps is not None:
             raise ValueError(f"steps is for fixed-step methods; {method!r} chooses its own steps")
     else:
-        C.check_steps(steps)
-    C.check_steps(max_steps, "max_steps")
-    return eps, (method, steps, float(rtol), float(atol), max_steps, bool(per_example_steps))
+        steps = C.check_steps(steps)
+    rtol = ode.check_tolerance(rtol, "rtol")
+    atol = ode.check_tolerance(atol, "atol")
+    max_steps = C.check_steps(max_steps, "max_steps")
+    return eps, (method, steps, rtol, atol, max_steps, bool(per_example_steps))
 
 
 _STATIC = ("sde", "shape", "eps", "options", "denoise")

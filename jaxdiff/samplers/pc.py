@@ -15,9 +15,10 @@ Predictors (``x -> (x, x_mean)``, one score evaluation each):
 
 Correctors:
 
-* ``langevin``: Langevin MCMC with the step size set by a target signal-to-noise ratio (Algorithms 4--5);
-  ``langevin_per_example`` sets it per sample rather than per batch.
-* ``ald``: annealed Langevin dynamics (Song & Ermon 2019), step size from the marginal ``sigma(t)``.
+* ``langevin`` (default): Langevin MCMC with the step of the signal-to-noise rule (Algorithms 4--5) at the
+  norms' expected values, ``2 a^2 (snr sigma(t))^2``: independent of the batch and of the state.
+* ``langevin_batch``: the reference implementation's rule, with norms averaged over the batch (batch-dependent).
+* ``ald``: annealed Langevin dynamics (Song & Ermon 2019); the same step as ``langevin``.
 """
 
 from __future__ import annotations
@@ -113,46 +114,66 @@ def _langevin_loop(score_fn, x, t, keys, n_steps, step_size_fn):
     return jax.lax.fori_loop(0, n_steps, body, (x, x))
 
 
-def langevin_corrector(sde: SDE, score_fn, x, t, s, keys, snr, n_steps, per_example=False):
-    """Langevin MCMC with step ``eps = 2 a^2 (snr ||z|| / ||score||)^2`` (Algorithm 4).
+def langevin_corrector(sde: SDE, score_fn, x, t, s, keys, snr, n_steps):
+    """Langevin MCMC at fixed ``t`` with the signal-to-noise step rule of Algorithm 4, per example and batch-free.
 
-    As in the reference code, the norms are averaged over the batch (over the global batch when it is
-    sharded), so the step size is a batch statistic: a sample depends on the batch it is drawn with. With
-    ``per_example=True`` each sample gets its own step size and is independent of its batch; that is sound
-    in high dimension, where norms concentrate, but unstable in a few dimensions, where a point near a
-    mode has a tiny score and so a huge step.
+    Algorithm 4 sets ``eps = 2 a^2 (snr ||z|| / ||score||)^2``. Here the two norms are replaced by their values under
+    the perturbation kernel: ``||z||^2 -> D`` and ``||score||^2 -> D / sigma(t)^2`` (the Fisher information of the
+    Gaussian noise, which bounds that of ``p_t`` and equals it when the data spread is small beside ``sigma(t)``, as
+    for images on a low-dimensional manifold), so ``eps = 2 a^2 (snr sigma(t))^2``. The step depends on ``t`` only:
+
+    * it is the same whatever the batch, its size and its sharding, and a non-finite example cannot change the
+      step of another;
+    * it is the same for every state, which unadjusted Langevin needs to keep ``p_t`` invariant: a step that
+      follows each example's own score norm (``||score||`` is tiny near a mode) targets another distribution.
+      On the 2-D mixture oracle, 500 reverse-diffusion steps with this corrector reach a sliced KS distance of
+      0.008-0.011 (VP, sub-VP, VE), as does the reference's batch rule; per-example norms gave 0.15.
+
+    ``"langevin_batch"`` (:func:`langevin_batch_corrector`) is the reference implementation's rule.
+    """
+    a, _ = sde.transition(t, s)
+    step = 2.0 * a**2 * (snr * sde.sigma(t)) ** 2
+
+    def step_size(grad, z):
+        return jnp.full((grad.shape[0],), step, jnp.float32)
+
+    return _langevin_loop(score_fn, x, t, keys, n_steps, step_size)
+
+
+def langevin_batch_corrector(sde: SDE, score_fn, x, t, s, keys, snr, n_steps):
+    """The reference implementation's Langevin corrector: Algorithm 4 with norms averaged over the batch.
+
+    ``eps = 2 a^2 (snr mean_i ||z_i|| / mean_i ||score_i||)^2``, the means over the (global, when sharded) batch,
+    as score_sde computes it: use it to reproduce the paper's samples. The step is a batch statistic, so a sample
+    depends on the other examples it is drawn with, and on the batch size. Examples whose score or noise is not
+    finite are left out of the means (they stay non-finite themselves), so one failed example does not switch
+    the corrector off for the rest.
     """
     a, _ = sde.transition(t, s)
 
     def step_size(grad, z):
         g_norm, z_norm = _norm(grad), _norm(z)
-        if not per_example:
-            g_norm, z_norm = jnp.mean(g_norm), jnp.mean(z_norm)
-        ratio = jnp.where(g_norm > 0, snr * z_norm / jnp.maximum(g_norm, 1e-30), 0.0)
+        ok = jnp.isfinite(g_norm) & jnp.isfinite(z_norm)
+        count = jnp.maximum(jnp.sum(ok), 1)
+        g_mean = jnp.sum(jnp.where(ok, g_norm, 0.0)) / count
+        z_mean = jnp.sum(jnp.where(ok, z_norm, 0.0)) / count
+        ratio = jnp.where(g_mean > 0, snr * z_mean / jnp.maximum(g_mean, 1e-30), 0.0)
         return jnp.broadcast_to(2.0 * a**2 * ratio**2, (grad.shape[0],))
 
     return _langevin_loop(score_fn, x, t, keys, n_steps, step_size)
 
 
-def langevin_per_example_corrector(sde: SDE, score_fn, x, t, s, keys, snr, n_steps):
-    """:func:`langevin_corrector` with per-example step sizes (for high-dimensional data)."""
-    return langevin_corrector(sde, score_fn, x, t, s, keys, snr, n_steps, per_example=True)
-
-
 def annealed_langevin_corrector(sde: SDE, score_fn, x, t, s, keys, snr, n_steps):
-    """Annealed Langevin dynamics (NCSN): step ``eps = 2 a^2 (snr sigma(t))^2`` at noise level ``sigma(t)``."""
-    a, _ = sde.transition(t, s)
-    sigma = sde.sigma(t)
+    """Annealed Langevin dynamics (NCSN, Song & Ermon 2019): step ``eps = 2 a^2 (snr sigma(t))^2``.
 
-    def step_size(grad, z):
-        return jnp.full((grad.shape[0],), 2.0 * a**2 * (snr * sigma) ** 2)
-
-    return _langevin_loop(score_fn, x, t, keys, n_steps, step_size)
+    The same step as :func:`langevin_corrector`, under the name of the NCSN sampler.
+    """
+    return langevin_corrector(sde, score_fn, x, t, s, keys, snr, n_steps)
 
 
 CORRECTORS: dict[str | None, Callable | None] = {
     "langevin": langevin_corrector,
-    "langevin_per_example": langevin_per_example_corrector,
+    "langevin_batch": langevin_batch_corrector,
     "ald": annealed_langevin_corrector,
     None: None,
 }
@@ -222,7 +243,8 @@ def pc_sample(
       shape: ``(batch, *event_shape)`` of the samples.
       steps: number of predictor steps from ``T`` to ``eps`` (default ``sde.N``).
       predictor: ``"euler_maruyama"``, ``"reverse_diffusion"``, ``"ancestral"`` or ``None``.
-      corrector: ``"langevin"``, ``"langevin_per_example"``, ``"ald"`` (annealed Langevin) or ``None``.
+      corrector: ``"langevin"`` (batch-independent step from ``snr`` and ``sigma(t)``), ``"langevin_batch"`` (the
+        reference's batch-averaged step; batch-dependent), ``"ald"`` (annealed Langevin) or ``None``.
       snr: the corrector's target signal-to-noise ratio.
       corrector_steps: corrector iterations per time step.
       eps: final time (``t = 0`` is avoided for numerical stability).
