@@ -338,7 +338,7 @@ def _check_constraint(constraint: Constraint) -> Constraint:
     values = _concrete(mask)
     if values is not None and not np.all((values == 0) | (values == 1)):
         bad = values[(values != 0) & (values != 1)]
-        raise ValueError(f"mask must hold 0 (unknown) and 1 (known) only, got the value {bad.flat[0]!r}")
+        raise ValueError(f"mask must hold 0 (unknown) and 1 (known) only, got the value {bad.flat[0].item()!r}")
     mask = jnp.broadcast_to(mask.astype(jnp.float32), known.shape)
     transform = constraint.transform
     if transform is not None:
