@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -502,6 +503,12 @@ def get_dataset(
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    for arg, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0)):
+        # NumPy integers are integers; floats (even 64.0), bools and negative seeds are not valid here.
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+            kind = "a positive integer" if low else "a non-negative integer"
+            raise ValueError(f"{arg} must be {kind}, got {value!r}")
+    batch_size, seed = int(batch_size), int(seed)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if batch_size <= 0 or batch_size % process_count:

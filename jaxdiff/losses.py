@@ -33,7 +33,7 @@ denoising score matching (Song & Ermon, 2019, eq. 6) on ``sde.discrete_sigmas``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -191,6 +191,16 @@ def smld_loss(
 # ----------------------------------------------------------------------------------------------------------
 # The factory
 # ----------------------------------------------------------------------------------------------------------
+def _check_batch(batch, needs_label: bool) -> None:
+    """A training batch is a mapping with ``"x"`` (and ``"label"`` for a class-conditional model)."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batch must be a dict with an 'x' array, got {type(batch).__name__}")
+    if "x" not in batch:
+        raise ValueError(f"batch must have an 'x' entry (the data), got keys {sorted(batch)}")
+    if needs_label and "label" not in batch:
+        raise ValueError(f"the model is class-conditional: batch needs a 'label' entry, got keys {sorted(batch)}")
+
+
 def make_loss_fn(
     sde: SDE,
     model: nn.Module,
@@ -239,6 +249,7 @@ def make_loss_fn(
     num_classes = getattr(model, "num_classes", None)
 
     def loss_fn(params: PyTree, key: Array, batch: dict) -> tuple[Array, dict]:
+        _check_batch(batch, num_classes is not None)
         x0 = batch["x"]
         k_loss, k_drop, k_label = jax.random.split(key, 3)
         y = None

@@ -18,10 +18,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
@@ -39,9 +41,20 @@ def _sum_except_batch(x: Array) -> Array:
     return jnp.sum(jnp.reshape(x, (x.shape[0], -1)), axis=-1)
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+def _check_positive(name: str, value: float, obj=None) -> None:
+    """A finite positive Python or NumPy number; stored on ``obj`` as a Python ``float`` (hashable, comparable)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not (ok and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    if obj is not None:
+        object.__setattr__(obj, name, float(value))
+
+
+def _check_count(name: str, value: int, obj) -> None:
+    """A positive Python or NumPy integer, stored on ``obj`` as an ``int``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    object.__setattr__(obj, name, int(value))
 
 
 class SDE(abc.ABC):
@@ -163,16 +176,15 @@ class _LinearBeta(SDE):
     beta_max: float
 
     def __post_init__(self):
-        _check_positive("beta_min", self.beta_min)
-        _check_positive("beta_max", self.beta_max)
+        _check_positive("beta_min", self.beta_min, self)
+        _check_positive("beta_max", self.beta_max, self)
         if self.beta_min > self.beta_max:
             raise ValueError(
                 f"beta_min must not exceed beta_max, got beta_min={self.beta_min}, "
                 f"beta_max={self.beta_max}"
             )
-        if not isinstance(self.N, int) or self.N < 1:
-            raise ValueError(f"N must be a positive integer, got {self.N!r}")
-        _check_positive("T", self.T)
+        _check_count("N", self.N, self)
+        _check_positive("T", self.T, self)
 
     def beta(self, t: Array) -> Array:
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -286,7 +298,9 @@ class CosineVPSDE(SDE):
     T: float = 0.9946  # alpha(T)^2 ~ 1e-5: the prior N(0, I) is then exact to that order.
 
     def __post_init__(self):
-        _check_positive("s", self.s)
+        _check_positive("s", self.s, self)
+        _check_count("N", self.N, self)
+        _check_positive("T", self.T, self)
         if not 0.0 < self.T < 1.0:
             raise ValueError(
                 f"CosineVPSDE needs 0 < T < 1 (beta blows up at t = 1), got T={self.T}"
@@ -353,16 +367,15 @@ class VESDE(SDE):
     T: float = 1.0
 
     def __post_init__(self):
-        _check_positive("sigma_min", self.sigma_min)
-        _check_positive("sigma_max", self.sigma_max)
+        _check_positive("sigma_min", self.sigma_min, self)
+        _check_positive("sigma_max", self.sigma_max, self)
         if self.sigma_min >= self.sigma_max:
             raise ValueError(
                 f"sigma_min must be below sigma_max, got sigma_min={self.sigma_min}, "
                 f"sigma_max={self.sigma_max}"
             )
-        if not isinstance(self.N, int) or self.N < 1:
-            raise ValueError(f"N must be a positive integer, got {self.N!r}")
-        _check_positive("T", self.T)
+        _check_count("N", self.N, self)
+        _check_positive("T", self.T, self)
 
     @property
     def _log_ratio(self) -> float:

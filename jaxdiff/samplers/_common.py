@@ -23,6 +23,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiff.ode import check_count
+from jaxdiff.per_example import is_per_example
 from jaxdiff.sde import SDE
 
 Array = jax.Array
@@ -68,6 +69,7 @@ def check_score_fn(score_fn, shape: tuple[int, ...]) -> None:
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
     shape = tuple(shape)
+    check_per_example_leaves(score_fn, shape[0])
     try:
         if shape in _CHECKED_SCORE_FNS.get(score_fn, ()):
             return
@@ -90,6 +92,21 @@ def check_score_fn(score_fn, shape: tuple[int, ...]) -> None:
         _CHECKED_SCORE_FNS.setdefault(score_fn, set()).add(shape)
     except TypeError:
         pass
+
+
+def check_per_example_leaves(tree, batch: int, name: str = "score_fn") -> None:
+    """Every :class:`jaxdiff.PerExample` array in ``tree`` (labels bound in a score function) leads with ``batch``.
+
+    Checked before tracing: labels of another batch size would otherwise broadcast, or fail deep in a network.
+    """
+    for node in jax.tree.leaves(tree, is_leaf=is_per_example):
+        if is_per_example(node):
+            for leaf in jax.tree.leaves(node.value):
+                if jnp.shape(leaf)[:1] != (batch,):
+                    raise ValueError(
+                        f"{name} holds per-example data (labels) of shape {jnp.shape(leaf)}, which must lead with the "
+                        f"batch size {batch}"
+                    )
 
 
 def check_data(x, name: str = "x") -> Array:
