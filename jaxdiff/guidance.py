@@ -153,6 +153,7 @@ def classifier_guided_score_fn(
       with concrete labels (by :func:`jaxdiff.sample` before compiling, or called directly); labels known only
       inside ``jax.jit`` that are out of range give that example a NaN score.
 
+    >>> import jaxdiff
     >>> from jaxdiff import GaussianMixture, VPSDE
     >>> sde, gm = VPSDE(), GaussianMixture.grid()
     >>> guided = classifier_guided_score_fn(gm.score_fn(sde), mixture_classifier_log_probs(gm, sde), y=2)

@@ -133,7 +133,7 @@ def violations(sources: dict[str, str]) -> list[str]:
             private_name = imported_name is not None and imported_name.startswith("_")
             if private_name and target_unit != unit and name not in FRIENDS.get(module, ()):
                 found.append(f"{name} imports the private name {imported_name} of {module}")
-    return found
+    return list(dict.fromkeys(found))  # one line per violation, however many names an import statement lists
 
 
 def test_the_package_is_layered():
