@@ -28,7 +28,7 @@ import numpy as np
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE", "batch_broadcast"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "RectifiedFlow", "ReverseSDE", "batch_broadcast"]
 
 
 def batch_broadcast(a: Array, x: Array) -> Array:
@@ -129,6 +129,26 @@ class SDE(abc.ABC):
         """The reverse-time SDE (eq. 6) or, with ``probability_flow=True``, the probability-flow ODE (eq. 13)."""
         return ReverseSDE(self, score_fn, probability_flow)
 
+    # -- the probability-flow ODE and the data prediction, from a score function ---------------------------
+    def probability_flow_drift(self, score_fn: ScoreFn, x: Array, t: Array) -> Array:
+        """The probability-flow drift ``f(x, t) - g(t)^2 score(x, t) / 2`` (eq. 13); ``t`` of shape ``(batch,)``.
+
+        One evaluation of ``score_fn``. An SDE whose ``f`` and ``g`` are infinite somewhere the drift is not
+        (:class:`RectifiedFlow` at ``t = 1``) overrides this with a finite form.
+        """
+        drift, diffusion = self.sde(x, t)
+        return drift - 0.5 * batch_broadcast(diffusion**2, x) * score_fn(x, t)
+
+    def data_prediction(self, score_fn: ScoreFn, x: Array, t: Array) -> tuple[Array, Array]:
+        """Tweedie's ``E[x_0 | x_t] = (x_t + sigma(t)^2 score) / alpha(t)`` and the score; one evaluation.
+
+        ``t`` is a scalar or of shape ``(batch,)``. Returns ``(x0, score)``.
+        """
+        tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+        score = score_fn(x, tb)
+        alpha, sigma = batch_broadcast(self.alpha(tb), x), batch_broadcast(self.sigma(tb), x)
+        return (x + sigma**2 * score) / alpha, score
+
     def _timestep(self, t: Array) -> Array:
         # As in the reference code: the grid index is the floor of t (N - 1) / T.
         return jnp.clip(jnp.floor(t * (self.N - 1) / self.T).astype(jnp.int32), 0, self.N - 1)
@@ -152,6 +172,8 @@ class ReverseSDE:
 
     def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
         drift, diffusion = self.forward.sde(x, t)
+        if self.probability_flow:
+            return self.forward.probability_flow_drift(self.score_fn, x, t), jnp.zeros_like(diffusion)
         g2 = batch_broadcast(diffusion**2, x)
         scale = 0.5 if self.probability_flow else 1.0
         drift = drift - g2 * self.score_fn(x, t) * scale
@@ -423,5 +445,112 @@ class VESDE(SDE):
         return jnp.zeros_like(x), jnp.sqrt(sigmas[i] ** 2 - adjacent**2)
 
 
-for _cls in (VPSDE, SubVPSDE, VESDE, CosineVPSDE):
+# ----------------------------------------------------------------------------------------------------------
+# Rectified flow / conditional flow matching with the linear path
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow(SDE):
+    """The linear path of rectified flow and flow matching: ``x_t = (1 - t) x_0 + t eps`` on ``[0, 1]``.
+
+    ``alpha(t) = 1 - t`` and ``sigma(t) = t`` (Liu et al. 2023; Lipman et al. 2023; the convention of Esser et al.
+    2024, Stable Diffusion 3: ``t = 0`` is data, ``t = 1`` noise). The prior ``N(0, I)`` at ``T = 1`` is exact:
+    ``alpha(1) = 0``. The linear SDE with this kernel has ``f = alpha' / alpha = -1 / (1 - t)`` and
+    ``g^2 = d sigma^2 / dt - 2 f sigma^2 = 2 t / (1 - t)``, both infinite at ``t = 1``, while the velocity of the
+    probability-flow ODE (eq. 13 of Song et al. 2021)
+
+        dx/dt = E[eps - x_0 | x_t] = -(x + t score(x, t)) / (1 - t)
+
+    is finite there: ``x + t score`` vanishes at ``t = 1`` (``score(x, 1) = -x``), and by l'Hopital's rule the
+    velocity at ``t = 1`` is ``d/dt [x + t score(x, t)]``, which :meth:`probability_flow_drift` computes with one
+    forward-mode derivative in ``t`` (a ``jax.jvp``) wherever ``t = 1``. The ODE sampler, the likelihood and the
+    few-step samplers go through it (or :meth:`data_prediction`), so they start exactly at ``T = 1``.
+
+    The reverse-time SDE has infinite drift and diffusion at ``t = 1``; samplers built on it (Euler--Maruyama,
+    reverse diffusion, ancestral) do not apply from ``T = 1``.
+
+    Seeds' convention (Liu et al. 2023, some flow-matching code): ``t' = 1 - t`` (``t' = 0`` noise) and velocity
+    ``v' = x_0 - eps = -v``.
+
+    Args:
+      N: number of steps of the Euler--Maruyama discretisation (:meth:`discretize`).
+
+    >>> sde = RectifiedFlow()
+    >>> mean, std = sde.marginal_prob(jnp.ones((2, 3)), jnp.array([0.25, 1.0]))
+    >>> std.tolist(), mean[1].tolist()
+    ([0.25, 1.0], [0.0, 0.0, 0.0])
+    """
+
+    N: int = 1000
+
+    def __post_init__(self):
+        _check_count("N", self.N, self)
+
+    def alpha(self, t: Array) -> Array:
+        return 1.0 - jnp.asarray(t, jnp.result_type(float))
+
+    def sigma(self, t: Array) -> Array:
+        return jnp.asarray(t, jnp.result_type(float))
+
+    def log_snr(self, t: Array) -> Array:
+        # 2 log((1 - t) / t): +inf at t = 0, -inf at t = 1.
+        t = jnp.asarray(t, jnp.result_type(float))
+        return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+    def t_from_log_snr(self, log_snr: Array) -> Array:
+        # (1 - t) / t = exp(lambda / 2)  =>  t = sigmoid(-lambda / 2); exact at lambda = +-inf.
+        return jax.nn.sigmoid(-0.5 * jnp.asarray(log_snr, jnp.result_type(float)))
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """``f(x, t) = -x / (1 - t)``, ``g(t) = sqrt(2 t / (1 - t))``; infinite at ``t = 1``."""
+        one_minus = self.alpha(t)
+        return -x / batch_broadcast(one_minus, x), jnp.sqrt(2.0 * self.sigma(t) / one_minus)
+
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return jax.random.normal(key, shape)
+
+    def prior_logp(self, z: Array) -> Array:
+        d = math.prod(z.shape[1:])
+        return -0.5 * d * jnp.log(2 * jnp.pi) - 0.5 * _sum_except_batch(z**2)
+
+    def _velocity_and_score(self, score_fn: ScoreFn, x: Array, t: Array) -> tuple[Array, Array]:
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+        at_end = t >= 1.0
+        one_minus = batch_broadcast(jnp.where(at_end, 1.0, 1.0 - t), x)  # 1 where t = 1: no 0/0, even in grads
+
+        def numerator(u):
+            score = score_fn(x, u)
+            return x + batch_broadcast(u, x) * score, score
+
+        def interior(_):
+            num, score = numerator(t)
+            return -num / one_minus, score
+
+        def endpoint(_):
+            # v(x, 1) = lim -(x + t s) / (1 - t) = d/dt [x + t s(x, t)] at t = 1 (l'Hopital; x + s(x, 1) = 0).
+            (num, score), (dnum, _) = jax.jvp(numerator, (t,), (jnp.ones_like(t),))
+            return jnp.where(batch_broadcast(at_end, x), dnum, -num / one_minus), score
+
+        # A real branch where t is one time for the batch (the fixed-grid samplers): the derivative is taken at
+        # the first step only. Inside a vmap over examples (per-example ODE solves) both branches run.
+        return jax.lax.cond(jnp.any(at_end), endpoint, interior, None)
+
+    def probability_flow_drift(self, score_fn: ScoreFn, x: Array, t: Array) -> Array:
+        """The velocity ``dx/dt = E[eps - x_0 | x_t] = -(x + t score) / (1 - t)``, finite at ``t = 1``.
+
+        This is ``f - g^2 score / 2`` with ``f = -x / (1 - t)``, ``g^2 / 2 = t / (1 - t)``, written as one
+        fraction; in general form ``(alpha' / alpha) x - sigma^2 (d/dt log(sigma / alpha)) score``. At ``t = 1``
+        it is the limit ``d/dt [x + t score(x, t)]``: one ``jax.jvp`` of ``score_fn`` in ``t`` (exact for any
+        score with ``score(x, 1) = -x``, which the exact score and every network converted by
+        :mod:`jaxdiff.parameterization` from a velocity or ``x_0`` output satisfy).
+        """
+        return self._velocity_and_score(score_fn, x, t)[0]
+
+    def data_prediction(self, score_fn: ScoreFn, x: Array, t: Array) -> tuple[Array, Array]:
+        """``E[x_0 | x_t] = x - t v(x, t)`` (Tweedie's formula, finite at ``t = 1``) and the score."""
+        tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+        v, score = self._velocity_and_score(score_fn, x, tb)
+        return x - batch_broadcast(tb, x) * v, score
+
+
+for _cls in (VPSDE, SubVPSDE, VESDE, CosineVPSDE, RectifiedFlow):
     jax.tree_util.register_static(_cls)

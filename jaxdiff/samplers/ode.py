@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from jaxdiff import ode
 from jaxdiff.per_example import PerExample, is_per_example
 from jaxdiff.samplers import _common as C
-from jaxdiff.sde import SDE, batch_broadcast
+from jaxdiff.sde import SDE
 
 __all__ = ["ode_sample", "decode", "encode", "probability_flow_drift", "solve_batch", "match_batch_sharding"]
 
@@ -43,12 +43,11 @@ PyTree = Any
 def probability_flow_drift(score_fn: C.ScoreFn, sde: SDE, x: Array, t: Array) -> Array:
     """The probability-flow drift ``f(x, t) - g(t)^2 score(x, t) / 2`` (eq. 13), in float32.
 
-    ``t`` has shape ``(batch,)``; the score may compute in any dtype, the rest is float32.
+    ``t`` has shape ``(batch,)``; the score may compute in any dtype, the rest is float32. The SDE computes it
+    (:meth:`jaxdiff.sde.SDE.probability_flow_drift`), in a finite form where ``f`` and ``g`` are not finite.
     """
     x = x.astype(jnp.float32)
-    drift, diffusion = sde.sde(x, t)
-    score = C.evaluate_score(score_fn, x, t)
-    return drift - 0.5 * batch_broadcast(diffusion**2, x) * score
+    return sde.probability_flow_drift(lambda y, s: C.evaluate_score(score_fn, y, s), x, t)
 
 
 def match_batch_sharding(tree: PyTree, like: Array) -> PyTree:
