@@ -35,6 +35,7 @@ _METHODS: dict[str, str] = {
     "ddim": "jaxdiff.samplers.ddim:ddim_sample",
     "dpm_solver++": "jaxdiff.samplers.dpm_solver:dpm_solver_pp_sample",
     "heun": "jaxdiff.samplers.edm:heun_sample",
+    "flow_euler": "jaxdiff.samplers.flow:flow_euler_sample",
 }
 
 

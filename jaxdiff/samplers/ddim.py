@@ -31,7 +31,7 @@ from jaxdiff.sde import SDE
 __all__ = ["ddim_sample", "ddim_step"]
 
 
-def ddim_step(sde: SDE, score: Array, x: Array, t, s, eta, z: Array | None) -> Array:
+def ddim_step(sde: SDE, score: Array, x: Array, t, s, eta, z: Array | None, x0: Array | None = None) -> Array:
     """One generalised DDIM step from ``t`` to ``s < t`` given the score at ``(x, t)`` (eq. 12).
 
     Args:
@@ -42,13 +42,16 @@ def ddim_step(sde: SDE, score: Array, x: Array, t, s, eta, z: Array | None) -> A
       s: next time (scalar).
       eta: interpolates between the deterministic (``0``) and the ancestral (``1``) step.
       z: standard normal noise of the shape of ``x``, or ``None`` when ``eta == 0``.
+      x0: the data prediction at ``(x, t)`` if known (:meth:`jaxdiff.sde.SDE.data_prediction`, finite where
+        ``alpha(t) = 0``); by default Tweedie's formula from ``score``.
 
     Returns:
       ``x_s``.
     """
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     alpha_s, sigma_s = sde.alpha(s), sde.sigma(s)
-    x0 = (x + sigma_t**2 * score) / alpha_t
+    if x0 is None:
+        x0 = (x + sigma_t**2 * score) / alpha_t
     eps_hat = -sigma_t * score
     if z is None:
         return alpha_s * x0 + sigma_s * eps_hat
@@ -66,10 +69,11 @@ def _ddim(key, score_fn, sde, shape, steps, eta, stochastic, eps, time_schedule,
 
     def body(x, i):
         t, s = ts[i], ts[i + 1]
-        score = C.evaluate_score(score_fn, x, jnp.full((shape[0],), t, jnp.float32))
+        # The SDE's own data prediction: finite at t = T where alpha(T) = 0 (RectifiedFlow).
+        x0, score = sde.data_prediction(lambda y, u: C.evaluate_score(score_fn, y, u), x, t)
         # The same noise stream as pc.py: step i of example j draws from fold_in(step_keys(keys, i)[j], 0).
         z = C.per_example_normal(C.step_keys(keys, i), 0, event) if stochastic else None
-        return ddim_step(sde, score, x, t, s, eta, z), None
+        return ddim_step(sde, score, x, t, s, eta, z, x0=x0), None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(steps))
     nfe = steps

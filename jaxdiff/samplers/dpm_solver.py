@@ -70,7 +70,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxdiff.samplers import _common as C
-from jaxdiff.samplers.schedules import check_schedule, data_prediction, time_steps
+from jaxdiff.samplers.schedules import check_schedule, time_steps
 from jaxdiff.sde import SDE
 
 __all__ = ["VARIANTS", "dpm_solver_pp_sample", "step_orders"]
@@ -143,7 +143,8 @@ def _dpm_solver_pp(key, score_fn, sde, shape, steps, order, variant, time_schedu
     def body(carry, inputs):
         x, history = carry  # history: x0 predictions of the two previous steps, newest first
         i, step_order = inputs
-        x0 = data_prediction(score_fn, sde, x, ts[i])
+        # The SDE's own data prediction: finite at t = T where alpha(T) = 0 (RectifiedFlow).
+        x0, _ = sde.data_prediction(lambda y, u: C.evaluate_score(score_fn, y, u), x, ts[i])
         m = (x0, history[0], history[1])
         x = _update(step_order - 1, x, m, lam, i, sigmas[i + 1] / sigmas[i], alphas[i + 1], d2_weight)
         return (x, jnp.stack([x0, history[0]])), None
@@ -214,6 +215,13 @@ def dpm_solver_pp_sample(
     eps = C.check_eps(eps, sde)
     if eps == 0:
         raise ValueError("DPM-Solver++ needs eps > 0: its time variable, the log-SNR, is infinite at t = 0")
+    with jax.ensure_compile_time_eval():
+        log_snr_T = float(sde.log_snr(jnp.float32(sde.T)))
+    if time_schedule == "logsnr" and not np.isfinite(log_snr_T):
+        raise ValueError(
+            f"DPM-Solver++ time_schedule='logsnr' needs a finite log-SNR at T; {type(sde).__name__}'s is -inf at "
+            f"T={sde.T} (alpha(T) = 0): use time_schedule='uniform' or 'quadratic'"
+        )
     return _dpm_solver_pp(
         key,
         C.as_partial(score_fn),

@@ -159,6 +159,11 @@ def heun_sample(
             raise ValueError(f"the Heun sampler needs eps > 0 for {type(sde).__name__}: sigma/alpha is 0 at t = 0")
         sigma_min = eps_sigma
     if sigma_max is None:
+        if not math.isfinite(highest):
+            raise ValueError(
+                f"the Heun sampler needs a finite sigma_max for {type(sde).__name__}: sigma/alpha is infinite at "
+                f"T={sde.T} (alpha(T) = 0); pass sigma_max (e.g. 80.0, EDM's), the noise level it starts from"
+            )
         sigma_max = highest
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if not (_is_number(value) and value > 0):
