@@ -12,7 +12,7 @@ from jaxdiff import oracle, per_example, samplers, sde
 from jaxdiff.oracle import GaussianMixture
 from jaxdiff.per_example import PerExample
 from jaxdiff.samplers import sample
-from jaxdiff.sde import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
+from jaxdiff.sde import SDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlow, SubVPSDE
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "SubVPSDE",
     "VESDE",
     "CosineVPSDE",
+    "RectifiedFlow",
     "GaussianMixture",
     "PerExample",
     "oracle",

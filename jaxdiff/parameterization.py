@@ -8,6 +8,20 @@ sigma)`` the four usual regression targets are affine functions of one another:
     v     = alpha eps - sigma x0                          (Salimans & Ho, 2022)
     eps   = (alpha v + sigma x) / (alpha^2 + sigma^2),    x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)
 
+and the flow-matching velocity (target ``'velocity'``, Lipman et al. 2023; Liu et al. 2023; Esser et al. 2024),
+
+    u     = eps - x0,
+    eps   = (x + alpha u) / (alpha + sigma),              x0 = (x - sigma u) / (alpha + sigma).
+
+``u`` is the velocity ``d x_t / dt`` of the linear path of :class:`jaxdiff.sde.RectifiedFlow` (``alpha = 1 - t``,
+``sigma = t``, so ``alpha + sigma = 1``: ``eps = x + (1 - t) u``, ``x0 = x - t u``); the conversions hold for any
+``alpha, sigma`` with ``alpha + sigma > 0``. It is not the diffusion ``v`` above: on the linear path
+``v = alpha eps - sigma x0`` weighs the two by ``1 - t`` and ``t``, ``u`` by ``1`` and ``-1``. Code that writes the
+linear path the other way round (``x_t' = t' x0 + (1 - t') eps``, ``t' = 1 - t``, velocity ``x0 - eps``) has
+``u' = -u``. Score and ``eps`` outputs determine ``x0`` only through ``alpha``: at ``t = 1`` (``alpha = 0``) a
+score or noise prediction says nothing about the data, and converting it to ``x0`` or ``u`` there is ``0 / 0``;
+a velocity or ``x0`` network is finite there, and its score is exactly ``-x`` at ``t = 1``.
+
 Applied to the *exact* score these give the posterior means ``E[eps | x_t]`` and ``E[x_0 | x_t]``; applied to a
 network output they turn any parameterization into any other. EDM's preconditioned denoiser (Karras et al.,
 2022, Table 1) is written for ``x_edm = x_0 + sigma_edm n``; here ``x_edm = x_t / alpha`` and
@@ -60,7 +74,7 @@ __all__ = [
     "edm_coefficients",
 ]
 
-TARGETS = ("score", "eps", "x0", "v")
+TARGETS = ("score", "eps", "x0", "v", "velocity")
 OUTPUTS = TARGETS + ("edm",)
 EMBEDDING_TYPES = ("fourier", "positional")
 
@@ -75,7 +89,7 @@ def _bc(a: Array, x: Array) -> Array:
 
 
 def to_eps(kind: str, value: Float[Array, " b *d"], x: Float[Array, " b *d"], alpha, sigma) -> Float[Array, " b *d"]:
-    """Converts a prediction of ``kind`` (``'score'``, ``'eps'``, ``'x0'`` or ``'v'``) to the noise ``eps``.
+    """Converts a prediction of ``kind`` (``'score'``, ``'eps'``, ``'x0'``, ``'v'``, ``'velocity'``) to ``eps``.
 
     Args:
       kind: what ``value`` predicts.
@@ -93,11 +107,13 @@ def to_eps(kind: str, value: Float[Array, " b *d"], x: Float[Array, " b *d"], al
         return (x - a * value) / s
     if kind == "v":  # v = alpha eps - sigma x0, solved with x = alpha x0 + sigma eps
         return (a * value + s * x) / (a**2 + s**2)
+    if kind == "velocity":  # u = eps - x0, solved with x = alpha x0 + sigma eps
+        return (x + a * value) / (a + s)
     raise ValueError(f"unknown prediction {kind!r}; valid: {', '.join(TARGETS)}")
 
 
 def from_eps(kind: str, eps: Float[Array, " b *d"], x: Float[Array, " b *d"], alpha, sigma) -> Float[Array, " b *d"]:
-    """Converts a noise prediction ``eps`` into ``kind`` (``'score'``, ``'eps'``, ``'x0'`` or ``'v'``)."""
+    """Converts a noise prediction ``eps`` into ``kind`` (``'score'``, ``'eps'``, ``'x0'``, ``'v'``, ``'velocity'``)."""
     a, s = _bc(alpha, x), _bc(sigma, x)
     if kind == "eps":
         return eps
@@ -107,11 +123,13 @@ def from_eps(kind: str, eps: Float[Array, " b *d"], x: Float[Array, " b *d"], al
         return (x - s * eps) / a
     if kind == "v":
         return a * eps - s * (x - s * eps) / a
+    if kind == "velocity":  # eps - (x - sigma eps) / alpha
+        return ((a + s) * eps - x) / a
     raise ValueError(f"unknown prediction {kind!r}; valid: {', '.join(TARGETS)}")
 
 
 def convert(value: Float[Array, " b *d"], x: Float[Array, " b *d"], alpha, sigma, *, source: str, target: str):
-    """Converts a prediction from ``source`` to ``target`` (each ``'score'``, ``'eps'``, ``'x0'`` or ``'v'``).
+    """Converts a prediction from ``source`` to ``target`` (each one of :data:`TARGETS`).
 
     The x0 and v targets are computed directly from the source where that avoids a division by a small
     ``sigma`` (x0 from the score: Tweedie's formula ``(x + sigma^2 score) / alpha``).
@@ -129,6 +147,11 @@ def convert(value: Float[Array, " b *d"], x: Float[Array, " b *d"], alpha, sigma
     if source == "v" and target == "x0":
         a, s = _bc(alpha, x), _bc(sigma, x)
         return (a * x - s * value) / (a**2 + s**2)
+    if source == "velocity" and target == "x0":  # finite at alpha = 0
+        return (x - _bc(sigma, x) * value) / (_bc(alpha, x) + _bc(sigma, x))
+    if source == "x0" and target == "velocity":  # finite at alpha = 0
+        a, s = _bc(alpha, x), _bc(sigma, x)
+        return (x - (a + s) * value) / s
     return from_eps(target, to_eps(source, value, x, alpha, sigma), x, alpha, sigma)
 
 
@@ -166,7 +189,8 @@ class Parameterization:
     """What a network's raw output means, and what it is fed.
 
     Attributes:
-      output: ``'score'``, ``'eps'``, ``'x0'``, ``'v'`` or ``'edm'`` (the output is EDM's ``F``; the network
+      output: ``'score'``, ``'eps'``, ``'x0'``, ``'v'``, ``'velocity'`` (flow matching's ``eps - x0``) or ``'edm'``
+        (the output is EDM's ``F``; the network
         sees ``c_in x / alpha`` and ``c_noise = log(sigma / alpha) / 4``).
       embedding_type: how ``t`` becomes the network's noise input (:func:`noise_cond`); ignored for ``'edm'``.
       scale_by_sigma: with ``output='score'``, the score is ``output / sigma`` (the reference code's
@@ -198,7 +222,7 @@ class Parameterization:
           alpha: ``alpha`` of the perturbation at ``t`` (per example).
           sigma: ``sigma`` of the perturbation at ``t`` (per example).
           cond: the noise-conditioning input for the non-EDM outputs.
-          target: ``'score'``, ``'eps'``, ``'x0'`` or ``'v'``.
+          target: one of :data:`TARGETS`.
         """
         if self.output == "edm":
             sigma_edm = sigma / alpha
@@ -255,7 +279,7 @@ class ScoreModel:
           params: the network's ``params`` collection.
           x: noisy data.
           t: times ``(batch,)``; they set the noise conditioning.
-          target: ``'score'``, ``'eps'``, ``'x0'`` or ``'v'``.
+          target: one of :data:`TARGETS`.
           y: class labels, for a class-conditional network.
           train: run the network in training mode (dropout, with ``key``).
           key: dropout key.
@@ -307,7 +331,8 @@ def make_score_fn(
       model: the Flax Linen score network.
       params: its ``params`` collection (traced: a new value needs no recompilation of a sampler).
       sde: the SDE the network was trained for.
-      parameterization: ``'score'``, ``'eps'``, ``'x0'``, ``'v'``, ``'edm'`` or a :class:`Parameterization`.
+      parameterization: ``'score'``, ``'eps'``, ``'x0'``, ``'v'``, ``'velocity'``, ``'edm'`` or a
+        :class:`Parameterization`.
       embedding_type: noise conditioning, ``'fourier'`` (``log sigma``) or ``'positional'`` (``999 t``);
         defaults to ``model.embedding_type``.
       scale_by_sigma: score = output / sigma (with ``parameterization='score'``).

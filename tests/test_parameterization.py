@@ -74,7 +74,8 @@ def test_definitions():
     alpha, sigma = jnp.array([0.95, 0.7, 1.0, 0.2, 0.6]), jnp.array([0.3, 0.7, 3.0, 0.9, 0.5])
     x = alpha[:, None] * x0 + sigma[:, None] * eps
     v = alpha[:, None] * eps - sigma[:, None] * x0  # Salimans & Ho (2022)
-    truth = {"eps": eps, "x0": x0, "v": v, "score": -eps / sigma[:, None]}  # eq. 7's kernel score
+    velocity = eps - x0  # flow matching (Lipman et al. 2023)
+    truth = {"eps": eps, "x0": x0, "v": v, "velocity": velocity, "score": -eps / sigma[:, None]}  # eq. 7's score
     for source, value in truth.items():
         for target, expected in truth.items():
             got = P.convert(value, x, alpha, sigma, source=source, target=target)
