@@ -16,6 +16,22 @@ All losses are per example (shape ``(batch,)``); the mean over the batch is take
   ``sde.t_from_log_snr``; the estimator ``Z / (T - eps) || sigma s_theta + z ||^2`` with
   ``Z = log_snr(eps) - log_snr(T)`` has the same expectation as uniform-``t`` likelihood weighting.
 
+Conditional flow matching (Lipman et al., ICLR 2023) on the linear path of :class:`~jaxdiff.sde.RectifiedFlow`
+(Liu et al., ICLR 2023) regresses a velocity network on the velocity of the path, ``d x_t / dt = eps - x_0``:
+
+    L(theta) = E_t E_{x_0} E_eps || u_theta(x_t, t) - (eps - x_0) ||^2,
+    t ~ U[0, 1]  or  t = sigmoid(m + s n), n ~ N(0, 1)  (logit-normal, Esser et al. 2024, sec. 3.1).
+
+Its minimiser is ``u(x, t) = E[eps - x_0 | x_t = x]``, the probability-flow velocity. In terms of the noise
+prediction: ``x = alpha x_0 + sigma eps`` fixes ``x``, so an error ``d`` in ``eps`` is an error ``-sigma d / alpha``
+in ``x_0`` and ``(alpha + sigma) d / alpha`` in ``u``; the flow-matching loss is the eps-loss weighted by
+
+    ((alpha + sigma) / alpha)^2 = 1 / (1 - t)^2 = (1 + exp(-lambda / 2))^2        (lambda = log-SNR),
+
+which grows without bound towards the noise end ``t = 1``, where the eps-loss weighting (``lambda = sigma^2``
+above) gives every ``t`` weight 1. :func:`flow_matching_loss` states it for any SDE; only on the linear path is
+``eps - x_0`` the velocity of the path.
+
 The discrete losses train on the ``N``-level grids of the reference code: DDPM's ``L_simple`` (Ho et al., 2020,
 eq. 14) on ``sqrt(alphas_cumprod)``, ``sqrt(1 - alphas_cumprod)`` and SMLD's ``sigma_i^2``-weighted
 denoising score matching (Song & Ermon, 2019, eq. 6) on ``sde.discrete_sigmas``. Level ``i`` is time
@@ -33,6 +49,8 @@ denoising score matching (Song & Ermon, 2019, eq. 6) on ``sde.discrete_sigmas``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +63,10 @@ from jaxdiff.parameterization import Parameterization, ScoreModel, as_parameteri
 from jaxdiff.sde import SDE, VESDE, VPSDE, batch_broadcast
 
 __all__ = [
+    "TIME_SAMPLINGS",
     "dsm_loss",
+    "flow_matching_loss",
+    "flow_matching_time",
     "ddpm_loss",
     "smld_loss",
     "importance_time",
@@ -54,6 +75,7 @@ __all__ = [
 ]
 
 PyTree = Any
+OBJECTIVES = ("dsm", "flow_matching")
 ScoreFn = Callable[[Array, Array], Array]
 DiscreteFn = Callable[[Array, Array, Array, Array], Array]
 
@@ -135,6 +157,73 @@ def dsm_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Conditional flow matching (Lipman et al. 2023) on the linear path
+# ----------------------------------------------------------------------------------------------------------
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def _check_time_sampling(time_sampling, logit_mean, logit_std) -> None:
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time_sampling {time_sampling!r}; valid: {', '.join(map(repr, TIME_SAMPLINGS))}")
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not real(logit_mean):
+        raise ValueError(f"logit_mean must be a finite number, got {logit_mean!r}")
+    if not (real(logit_std) and logit_std > 0):
+        raise ValueError(f"logit_std must be a finite positive number, got {logit_std!r}")
+
+
+def flow_matching_time(
+    key: Array, n: int, sde: SDE, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0
+) -> Float[Array, " n"]:
+    """``n`` training times on ``[0, T]``: uniform, or logit-normal ``T sigmoid(m + s n)`` (Esser et al. 2024, eq. 19).
+
+    The logit-normal density ``pi(t) = 1 / (s sqrt(2 pi)) 1 / (t (1 - t)) exp(-(logit t - m)^2 / (2 s^2))`` (for
+    ``T = 1``) puts more weight on intermediate times; SD3 trains with ``m = 0, s = 1``.
+    """
+    if time_sampling == "uniform":
+        return sde.T * jax.random.uniform(key, (n,), jnp.float32)
+    return sde.T * jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,), jnp.float32))
+
+
+def flow_matching_loss(
+    key: Array,
+    velocity_fn: ScoreFn,
+    sde: SDE,
+    x0: Float[Array, " b *d"],
+    *,
+    time_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    reduce_mean: bool = False,
+) -> Float[Array, " b"]:
+    """Per-example conditional flow-matching loss ``|| u_theta(x_t, t) - (eps - x_0) ||^2`` (Lipman et al. 2023).
+
+    With :class:`~jaxdiff.sde.RectifiedFlow`, ``x_t = (1 - t) x_0 + t eps`` and ``eps - x_0`` is its velocity
+    (rectified flow, Liu et al. 2023). Equal, per example, to the eps-prediction error weighted by
+    ``((alpha + sigma) / alpha)^2`` (module docstring).
+
+    Args:
+      key: PRNG key; ``t`` comes from the first key of ``jax.random.split(key)``, the noise from the second.
+      velocity_fn: ``velocity_fn(x, t)``, the predicted ``eps - x_0``, with ``t`` of shape ``(batch,)``.
+      sde: the path (usually :class:`~jaxdiff.sde.RectifiedFlow`).
+      x0: a batch of data.
+      time_sampling: ``"uniform"`` on ``[0, T]`` or ``"logit_normal"`` (:func:`flow_matching_time`).
+      logit_mean: location ``m`` of the logit-normal.
+      logit_std: scale ``s`` of the logit-normal.
+      reduce_mean: average the squared error over dimensions instead of summing it.
+
+    Returns:
+      The losses, shape ``(batch,)``.
+    """
+    _check_time_sampling(time_sampling, logit_mean, logit_std)
+    k_t, k_z = jax.random.split(key)
+    t = flow_matching_time(k_t, x0.shape[0], sde, time_sampling, logit_mean, logit_std)
+    z = jax.random.normal(k_z, x0.shape, x0.dtype)
+    xt = batch_broadcast(sde.alpha(t), x0) * x0 + batch_broadcast(sde.sigma(t), x0) * z  # p_{0t}(x_t | x_0)
+    return _reduce(jnp.square(velocity_fn(xt, t) - (z - x0)), reduce_mean)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Discrete losses: DDPM (eps prediction) and SMLD / NCSN (sigma^2-weighted DSM)
 # ----------------------------------------------------------------------------------------------------------
 def _level_time(i: Array, sde: SDE) -> Array:
@@ -213,6 +302,10 @@ def make_loss_fn(
     eps: float = 1e-5,
     train: bool = True,
     label_dropout: float = 0.0,
+    objective: str = "dsm",
+    time_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
     **parameterization_kwargs,
 ) -> Callable[[PyTree, Array, dict], tuple[Array, dict]]:
     """Builds ``loss_fn(params, key, batch) -> (loss, aux)`` for a network, an SDE and a parameterization.
@@ -230,12 +323,30 @@ def make_loss_fn(
       train: run the network in training mode (dropout).
       label_dropout: for a class-conditional model, the probability of replacing a label by the null class
         ``model.num_classes`` (classifier-free guidance training).
+      objective: ``"dsm"`` (denoising score matching or the discrete losses, above) or ``"flow_matching"``
+        (:func:`flow_matching_loss`: the network's prediction of ``eps - x_0``, whatever its parameterization,
+        regressed on ``eps - x_0``; with ``parameterization="velocity"`` that is the network's raw output).
+      time_sampling: ``"uniform"`` or ``"logit_normal"`` (flow matching only).
+      logit_mean: location of the logit-normal times (flow matching only).
+      logit_std: scale of the logit-normal times (flow matching only).
       **parameterization_kwargs: ``embedding_type``, ``scale_by_sigma``, ``sigma_data``.
 
     Returns:
       ``loss_fn(params, key, batch)`` with ``batch = {"x": ..., "label": ...}``, returning the batch mean
       and ``{"losses": (batch,)}``.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(map(repr, OBJECTIVES))}")
+    if objective == "flow_matching":
+        if not continuous or likelihood_weighting or importance_sampling:
+            raise ValueError(
+                "objective='flow_matching' is a continuous-time loss with its own weighting: it takes neither "
+                f"continuous=False, likelihood_weighting nor importance_sampling (got continuous={continuous}, "
+                f"likelihood_weighting={likelihood_weighting}, importance_sampling={importance_sampling})"
+            )
+        _check_time_sampling(time_sampling, logit_mean, logit_std)
+    elif time_sampling != "uniform":
+        raise ValueError(f"time_sampling applies to objective='flow_matching' only, got {time_sampling!r}")
     if not continuous:
         if likelihood_weighting or importance_sampling:
             raise ValueError("likelihood weighting applies to the continuous loss only")
@@ -264,7 +375,18 @@ def make_loss_fn(
                 params, x, t, target=target, y=y, train=train, key=k_drop, alpha=alpha, sigma=sigma
             )
 
-        if continuous:
+        if objective == "flow_matching":
+            losses = flow_matching_loss(
+                k_loss,
+                lambda x, t: predict(x, t, target="velocity"),
+                sde,
+                x0,
+                time_sampling=time_sampling,
+                logit_mean=logit_mean,
+                logit_std=logit_std,
+                reduce_mean=reduce_mean,
+            )
+        elif continuous:
             losses = dsm_loss(
                 k_loss,
                 predict,
