@@ -18,6 +18,7 @@ shared by ``train.py`` and ``evaluate.py`` in ``evaluation.py``.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -252,7 +253,9 @@ def run_main(main, argv=None) -> int:
         return 2
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or str(e).splitlines()[0]}{where}; files written before are kept", file=sys.stderr)
+        disk = e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)
+        kept = "; files written before are kept" if disk else ""
+        print(f"error: {e.strerror or (str(e).splitlines() or [''])[0]}{where}{kept}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
         if type(e).__name__ == "Refused":

@@ -168,7 +168,7 @@ def test_config_errors_are_one_line(tmp_path, args, message):
 def test_missing_workdir_is_one_line(tmp_path):
     proc = run("sample.py", f"--workdir={tmp_path / 'missing'}")
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "config.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no such directory" in proc.stderr
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -184,3 +184,20 @@ def test_config_builds_its_model(common, name):
     if name in PAPER_PARAMS:
         assert count == PAPER_PARAMS[name]
     common.build_loss_fn(config, sde, model)
+
+
+def test_readme_quickstart_and_data_preparation():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quickstart = readme[readme.index("## Quickstart") : readme.index("## A tour")]
+    # A virtual environment comes before the first install.
+    assert quickstart.index("python -m venv .venv && . .venv/bin/activate") < quickstart.index("pip install -e .")
+    # The documented data preparation names an extra that exists and a script that exists.
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert 'pip install -e ".[data]"' in readme and any(d.startswith("tensorflow") for d in extras["data"])
+    assert "python experiments/prepare_data.py --dataset mnist" in readme
+    if importlib.util.find_spec("tensorflow") is None:  # without the extra: one line that names it
+        proc = run("prepare_data.py", "--dataset=mnist", "--data_dir=/nonexistent/tfds")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert 'pip install -e ".[data]"' in proc.stderr
