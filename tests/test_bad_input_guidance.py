@@ -66,9 +66,15 @@ CASES = [
     ),
     (
         "classifier guidance: labels of another batch size",
-        lambda: _sample_guided(jnp.array([0, 1, 2])),
+        lambda: _guided(jnp.array([0, 1, 2]))(X_KNOWN, jnp.full((BATCH,), 0.5)),
         r"labels y of shape \(3,\) for a batch of 8 examples; valid: one label, or one per example, shape \(8,\)",
-        dpm_solver._dpm_solver_pp,
+        None,
+    ),
+    (
+        "classifier guidance: labels of another batch size, inside jax.jit",
+        lambda: jax.jit(lambda y, x, t: _guided(y)(x, t))(jnp.array([0, 1, 2]), X_KNOWN, jnp.full((BATCH,), 0.5)),
+        r"labels y of shape \(3,\) for a batch of 8 examples",
+        None,
     ),
     (
         "classifier guidance: fractional label (truncated before)",

@@ -26,8 +26,10 @@ RANKS = {
     "parallel": 0,
     "checkpoint": 0,
     "data": 0,
-    # Built directly on those: the closed-form oracle, the parameterization of networks, metrics, train state.
+    # Built directly on those: the closed-form oracle, the parameterization of networks, metrics, train state,
+    # continuous batching of the adaptive solves.
     "oracle": 1,
+    "refill": 1,
     "parameterization": 1,
     "metrics": 1,
     "train": 1,
