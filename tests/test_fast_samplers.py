@@ -231,9 +231,7 @@ def test_dpm_solver_variants_by_name():
     published, _ = run(order=3, variant="published")
     taylor, _ = run(order=3, variant="taylor")
     np.testing.assert_array_equal(default, published)
-    assert float(np.max(np.abs(taylor - published))) > 1e-3
-    # Orders 1 and 2 are the same in both.
-    np.testing.assert_array_equal(run(order=2, variant="taylor")[0], run(order=2, variant="published")[0])
+    assert float(np.max(np.abs(taylor - published))) > 1e-3  # (orders 1 and 2: the derivation test above)
 
 
 def test_heun_sigma_grid_is_edm_schedule():
