@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -288,159 +288,177 @@ def dopri5(
       returns the state where it stopped: check ``success`` (the samplers and the likelihood turn a
       failed example into NaN).
     """
-    tdtype = _time_dtype(t0, t1)
-    t0 = jnp.asarray(t0, tdtype)
-    t1 = jnp.asarray(t1, tdtype)
-    rtol = jnp.asarray(rtol, jnp.float32)
-    atol = jnp.asarray(atol, jnp.float32)
-    direction = jnp.where(t1 >= t0, 1.0, -1.0).astype(tdtype)
-    span = jnp.abs(t1 - t0)
-
-    f0 = f(t0, y0, args)
-    if batched:
-        live0 = _example_finite(f0) & _example_finite(y0)
-    else:
-        live0 = None
     if stage_loop is None:
-        stage_loop = _field_ops(f, t0, y0, args) >= STAGE_LOOP_MIN_OPS
+        stage_loop = _field_ops(f, jnp.asarray(t0, _time_dtype(t0, t1)), y0, args) >= STAGE_LOOP_MIN_OPS
+    problem = _Problem(f, t0, t1, rtol, atol, max_steps, stage_loop, batched)
+    carry, nfe0 = _start(problem, y0, args, dt0)
+    carry = lax.while_loop(lambda c: c.status == _RUNNING, lambda c: _attempt(problem, args, c), carry)
+    return carry.y, _info(problem, carry, nfe0)
+
+
+class _Problem:
+    """The constants of a Dormand--Prince solve: field, interval, tolerances, limits and mode (not a pytree)."""
+
+    def __init__(self, f, t0, t1, rtol, atol, max_steps, stage_loop, batched):
+        self.f, self.max_steps, self.stage_loop, self.batched = f, max_steps, stage_loop, batched
+        self.tdtype = _time_dtype(t0, t1)
+        self.t0 = jnp.asarray(t0, self.tdtype)
+        self.t1 = jnp.asarray(t1, self.tdtype)
+        self.rtol = jnp.asarray(rtol, jnp.float32)
+        self.atol = jnp.asarray(atol, jnp.float32)
+        self.direction = jnp.where(self.t1 >= self.t0, 1.0, -1.0).astype(self.tdtype)
+        self.span = jnp.abs(self.t1 - self.t0)
+
+
+class _Carry(NamedTuple):
+    """The state of a solve between step attempts (one example, or a batch sharing the steps when batched)."""
+
+    t: jax.Array
+    y: PyTree
+    k1: PyTree  # f(t, y): FSAL, the next step's first stage
+    h: jax.Array  # the next step size to try
+    err_prev: jax.Array
+    last_rejected: jax.Array
+    steps: jax.Array
+    accepted: jax.Array
+    rejected: jax.Array
+    status: jax.Array
+    live: jax.Array  # batched mode: the examples still running, (batch,); True otherwise
+    strikes: jax.Array  # batched mode: non-finite attempts per example
+    t_stop: jax.Array  # batched mode: where each dropped example stopped
+    h_good: jax.Array  # the last step size accepted
+
+
+def _start(p: _Problem, y0: PyTree, args, dt0=None) -> tuple[_Carry, int]:
+    """The state before the first step: ``f(t0, y0)`` and the first step size; returns it with the NFE spent."""
+    f0 = p.f(p.t0, y0, args)
+    live0 = _example_finite(f0) & _example_finite(y0) if p.batched else None
     if dt0 is None:
-        h = _initial_step(f, t0, y0, f0, direction, span, rtol, atol, args, live0).astype(tdtype)
+        h = _initial_step(p.f, p.t0, y0, f0, p.direction, p.span, p.rtol, p.atol, args, live0).astype(p.tdtype)
         nfe0 = 2
     else:
-        h = jnp.abs(jnp.asarray(dt0, tdtype))
+        h = jnp.abs(jnp.asarray(dt0, p.tdtype))
         nfe0 = 1
-    h = jnp.minimum(h, span)
-
-    def step(carry):
-        t, y, k1, h, err_prev, last_rejected, steps, accepted, rejected, status, live, strikes, t_stop, h_good = carry
-        remaining = jnp.abs(t1 - t)
-        # Stretch the step by up to 1% rather than leave a sliver at the end (as in Hairer's code).
-        last = 1.01 * h >= remaining
-        h_used = jnp.where(last, remaining, h)
-        dt = direction * h_used
-        t_new = jnp.where(last, t1, t + dt)
-        if stage_loop:
-            ks = _stages(f, t, t_new, y, k1, dt, args)
-            y_new = _combine_stacked(y, dt, ks, _A_TABLE[6])
-            err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), dt, ks, _E_ROW)
-            k_last = jax.tree.map(lambda k: k[6], ks)
-        else:
-            ks = [k1]
-            for i in range(1, 7):
-                y_stage = _combine(y, dt, tuple(ks), _A[i])
-                t_stage = t_new if _C[i] == 1.0 else t + _C[i] * dt
-                ks.append(f(t_stage, y_stage, args))
-            y_new = y_stage  # the last stage is evaluated at the 5th-order solution (FSAL)
-            err = _combine(jax.tree.map(jnp.zeros_like, y), dt, tuple(ks), _E)
-            k_last = ks[6]
-        scaled_err = _scaled(err, y, y_new, rtol, atol)
-        if batched:
-            # Each example's error; the examples still running steer the step, the others are ignored.
-            example_err = _example_mean_square(scaled_err)
-            bad = live & ~jnp.isfinite(example_err)
-            ok = ~jnp.any(bad)
-            err_norm = _rms_norm(scaled_err, live & ~bad)
-        else:
-            err_norm = _rms_norm(scaled_err)
-            ok = jnp.isfinite(err_norm)
-        accept = ok & (err_norm <= 1.0)
-
-        # PI control on acceptance; pure I control (and never growth) after a rejection.
-        safe_err = jnp.maximum(err_norm, 1e-10)
-        factor_acc = _SAFETY * safe_err**-_K_I * err_prev**_K_P
-        factor_acc = jnp.clip(factor_acc, _MIN_FACTOR, _MAX_FACTOR)
-        factor_acc = jnp.where(last_rejected, jnp.minimum(factor_acc, 1.0), factor_acc)
-        factor_rej = jnp.maximum(_MIN_FACTOR, _SAFETY * safe_err**-0.2)
-        factor_rej = jnp.where(ok, jnp.minimum(factor_rej, 1.0), _MIN_FACTOR)
-        h_next = (h_used * jnp.where(accept, factor_acc, factor_rej)).astype(tdtype)
-
-        t_out = jnp.where(accept, t_new, t)
-        if batched:
-            moved = accept & live
-        else:
-            moved = accept
-        y_out = _select(moved, y_new, y)
-        k1_out = _select(moved, k_last, k1)  # FSAL: f(t_new, y_new) is the next step's first stage
-        err_prev_out = jnp.where(accept, jnp.maximum(err_norm, 1e-4), err_prev)
-        steps = steps + 1
-        accepted = accepted + accept.astype(jnp.int32)
-        rejected = rejected + (~accept).astype(jnp.int32)
-        done = accept & last
-        too_small = (~done) & ((t_out + direction * h_next == t_out) | ~jnp.isfinite(h_next))
-        if batched:
-            # Drop the examples that were non-finite in several attempts, or are when the step can shrink no
-            # further; the others go on from the last step size that every live example accepted.
-            strikes = strikes + bad.astype(jnp.int32)
-            drop = (bad & (strikes >= _NONFINITE_STRIKES)) | (live & too_small & (strikes > 0))
-            t_stop = jnp.where(drop, t, t_stop)
-            live = live & ~drop
-            dropped = jnp.any(drop)
-            too_small = too_small & ~dropped
-            h_next = jnp.where(dropped, h_good, h_next)
-            h_good = jnp.where(accept, h_used, h_good).astype(tdtype)
-        status = jnp.where(steps >= max_steps, _MAX_STEPS, _RUNNING)
-        status = jnp.where(done, _DONE, jnp.where(too_small, jnp.where(ok, _STEP_TOO_SMALL, _NONFINITE), status))
-        if batched:
-            status = jnp.where(jnp.any(live), status, _NONFINITE)
-        return (
-            t_out,
-            y_out,
-            k1_out,
-            h_next,
-            err_prev_out,
-            ~accept,
-            steps,
-            accepted,
-            rejected,
-            status,
-            live,
-            strikes,
-            t_stop,
-            h_good,
-        )
-
+    h = jnp.minimum(h, p.span)
     zero = jnp.zeros((), jnp.int32)
-    if batched:
-        init_status = jnp.where(jnp.any(live0), _RUNNING, _NONFINITE)
-        live, strikes, t_stop = live0, jnp.zeros(live0.shape, jnp.int32), jnp.full(live0.shape, t0)
+    if p.batched:
+        status = jnp.where(jnp.any(live0), _RUNNING, _NONFINITE)
+        live, strikes, t_stop = live0, jnp.zeros(live0.shape, jnp.int32), jnp.full(live0.shape, p.t0)
     else:
         # A field that is not finite at the initial state cannot be integrated by any step size.
-        init_status = jnp.where(_all_finite(f0) & _all_finite(y0), _RUNNING, _NONFINITE)
-        live, strikes, t_stop = jnp.bool_(True), zero, t0
-    init_status = jnp.where(span == 0, _DONE, jnp.where(max_steps <= 0, _MAX_STEPS, init_status))
-    carry = (
-        t0,
-        y0,
-        f0,
-        h,
-        jnp.float32(1e-4),
-        jnp.bool_(False),
-        zero,
-        zero,
-        zero,
-        init_status,
+        status = jnp.where(_all_finite(f0) & _all_finite(y0), _RUNNING, _NONFINITE)
+        live, strikes, t_stop = jnp.bool_(True), zero, p.t0
+    status = jnp.where(p.span == 0, _DONE, jnp.where(p.max_steps <= 0, _MAX_STEPS, status))
+    err0, rejected0 = jnp.float32(1e-4), jnp.bool_(False)
+    carry = _Carry(p.t0, y0, f0, h, err0, rejected0, zero, zero, zero, status, live, strikes, t_stop, h)
+    return carry, nfe0
+
+
+def _attempt(p: _Problem, args, c: _Carry) -> _Carry:
+    """One step attempt: six stages, the error estimate, acceptance and the next step size (PI control)."""
+    remaining = jnp.abs(p.t1 - c.t)
+    # Stretch the step by up to 1% rather than leave a sliver at the end (as in Hairer's code).
+    last = 1.01 * c.h >= remaining
+    h_used = jnp.where(last, remaining, c.h)
+    dt = p.direction * h_used
+    t_new = jnp.where(last, p.t1, c.t + dt)
+    y, k1 = c.y, c.k1
+    if p.stage_loop:
+        ks = _stages(p.f, c.t, t_new, y, k1, dt, args)
+        y_new = _combine_stacked(y, dt, ks, _A_TABLE[6])
+        err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), dt, ks, _E_ROW)
+        k_last = jax.tree.map(lambda k: k[6], ks)
+    else:
+        ks = [k1]
+        for i in range(1, 7):
+            y_stage = _combine(y, dt, tuple(ks), _A[i])
+            t_stage = t_new if _C[i] == 1.0 else c.t + _C[i] * dt
+            ks.append(p.f(t_stage, y_stage, args))
+        y_new = y_stage  # the last stage is evaluated at the 5th-order solution (FSAL)
+        err = _combine(jax.tree.map(jnp.zeros_like, y), dt, tuple(ks), _E)
+        k_last = ks[6]
+    scaled_err = _scaled(err, y, y_new, p.rtol, p.atol)
+    live = c.live
+    if p.batched:
+        # Each example's error; the examples still running steer the step, the others are ignored.
+        example_err = _example_mean_square(scaled_err)
+        bad = live & ~jnp.isfinite(example_err)
+        ok = ~jnp.any(bad)
+        err_norm = _rms_norm(scaled_err, live & ~bad)
+    else:
+        err_norm = _rms_norm(scaled_err)
+        ok = jnp.isfinite(err_norm)
+    accept = ok & (err_norm <= 1.0)
+
+    # PI control on acceptance; pure I control (and never growth) after a rejection.
+    safe_err = jnp.maximum(err_norm, 1e-10)
+    factor_acc = _SAFETY * safe_err**-_K_I * c.err_prev**_K_P
+    factor_acc = jnp.clip(factor_acc, _MIN_FACTOR, _MAX_FACTOR)
+    factor_acc = jnp.where(c.last_rejected, jnp.minimum(factor_acc, 1.0), factor_acc)
+    factor_rej = jnp.maximum(_MIN_FACTOR, _SAFETY * safe_err**-0.2)
+    factor_rej = jnp.where(ok, jnp.minimum(factor_rej, 1.0), _MIN_FACTOR)
+    h_next = (h_used * jnp.where(accept, factor_acc, factor_rej)).astype(p.tdtype)
+
+    t_out = jnp.where(accept, t_new, c.t)
+    moved = accept & live if p.batched else accept
+    y_out = _select(moved, y_new, y)
+    k1_out = _select(moved, k_last, k1)  # FSAL: f(t_new, y_new) is the next step's first stage
+    err_prev = jnp.where(accept, jnp.maximum(err_norm, 1e-4), c.err_prev)
+    steps = c.steps + 1
+    accepted = c.accepted + accept.astype(jnp.int32)
+    rejected = c.rejected + (~accept).astype(jnp.int32)
+    done = accept & last
+    too_small = (~done) & ((t_out + p.direction * h_next == t_out) | ~jnp.isfinite(h_next))
+    strikes, t_stop, h_good = c.strikes, c.t_stop, c.h_good
+    if p.batched:
+        # Drop the examples that were non-finite in several attempts, or are when the step can shrink no
+        # further; the others go on from the last step size that every live example accepted.
+        strikes = strikes + bad.astype(jnp.int32)
+        drop = (bad & (strikes >= _NONFINITE_STRIKES)) | (live & too_small & (strikes > 0))
+        t_stop = jnp.where(drop, c.t, t_stop)
+        live = live & ~drop
+        dropped = jnp.any(drop)
+        too_small = too_small & ~dropped
+        h_next = jnp.where(dropped, h_good, h_next)
+    h_good = jnp.where(accept, h_used, h_good).astype(p.tdtype)
+    status = jnp.where(steps >= p.max_steps, _MAX_STEPS, _RUNNING)
+    status = jnp.where(done, _DONE, jnp.where(too_small, jnp.where(ok, _STEP_TOO_SMALL, _NONFINITE), status))
+    if p.batched:
+        status = jnp.where(jnp.any(live), status, _NONFINITE)
+    return _Carry(
+        t_out,
+        y_out,
+        k1_out,
+        h_next,
+        err_prev,
+        ~accept,
+        steps,
+        accepted,
+        rejected,
+        status,
         live,
         strikes,
         t_stop,
-        h,
+        h_good,
     )
-    t, y, _, _, _, _, steps, accepted, rejected, status, live, _, t_stop, _ = lax.while_loop(
-        lambda c: c[9] == _RUNNING, step, carry
-    )
-    success = status == _DONE
-    if batched:
-        success = success & live
-        t = jnp.where(live, t, t_stop)
-    info = {
-        "nfe": nfe0 + 6 * steps,
-        "steps": steps,
-        "accepted": accepted,
-        "rejected": rejected,
+
+
+def _info(p: _Problem, c: _Carry, nfe0) -> dict:
+    success = c.status == _DONE
+    t, status = c.t, c.status
+    if p.batched:
+        success = success & c.live
+        t = jnp.where(c.live, c.t, c.t_stop)
+        status = jnp.where(c.live, c.status, _NONFINITE)
+    return {
+        "nfe": nfe0 + 6 * c.steps,
+        "steps": c.steps,
+        "accepted": c.accepted,
+        "rejected": c.rejected,
         "success": success,
-        "status": jnp.where(live, status, _NONFINITE) if batched else status,
+        "status": status,
         "t_final": t,
     }
-    return y, info
 
 
 # --------------------------------------------------------------------------------------------------
