@@ -240,3 +240,20 @@ def test_save_over_an_unreadable_step_moves_it_aside_and_writes_anew(tmp_path):
     for step in (3, 4, 5):
         ckpt.save(step, make_state(seed=step))
     assert sorted(os.listdir(tmp_path)) == ["4", "5", "corrupt-2", "corrupt-2-2"]
+
+
+def test_damaged_array_data_alone_is_unreadable(tmp_path):
+    # Metadata intact, only the array bytes truncated: still detected, never restored as wrong values.
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, make_state(seed=1))
+    ckpt.save(2, make_state(seed=2))
+    ckpt.close()
+    for root, _, files in os.walk(tmp_path / "2" / "state"):
+        if os.path.basename(root) == "d":
+            for f in files:
+                path = os.path.join(root, f)
+                with open(path, "r+b") as fh:
+                    fh.truncate(os.path.getsize(path) // 3)
+    found = Checkpointer(tmp_path, async_save=False).restore_newest(make_state(seed=5))
+    assert found.step == 1 and [s for s, _ in found.unreadable] == [2]
+    assert_bitwise_equal(found.value, make_state(seed=1))
