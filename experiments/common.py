@@ -237,6 +237,26 @@ def parse_flags(argv, flag_values=flags.FLAGS) -> None:
             raise ConfigError(f"--config {path or ''}: cannot load it ({type(e).__name__})") from None
     if "workdir" in flag_values and not flag_values.workdir:
         raise ConfigError("--workdir is required")
+    if not os.environ.get("JAXDIFF_TRACEBACK"):
+        _quiet_background_errors()  # parsing the flags reset absl's verbosity
+
+
+def _quiet_background_errors() -> None:
+    """Keeps the logs of background threads (orbax's asynchronous saves) off stderr.
+
+    A failed background write (a full disk) would otherwise print hundreds of lines of tracebacks from every
+    writer thread; the same failure reaches the main thread at the next save or at the end, and becomes one line.
+    """
+    import logging
+    import threading
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.FATAL)  # also what parsing the flags would reset
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda args: None
 
 
 def run_main(main, argv=None) -> int:
@@ -246,6 +266,8 @@ def run_main(main, argv=None) -> int:
     as non-finite (``workdir.Refused``), 1 for a failed read or write (a full or read-only disk) or anything
     unexpected (``JAXDIFF_TRACEBACK=1`` shows its traceback).
     """
+    if not os.environ.get("JAXDIFF_TRACEBACK"):
+        _quiet_background_errors()
     try:
         return main(sys.argv if argv is None else argv) or 0
     except ConfigError as e:
@@ -263,8 +285,13 @@ def run_main(main, argv=None) -> int:
             return getattr(e, "code", 3)
         if os.environ.get("JAXDIFF_TRACEBACK"):
             raise
-        text = (str(e).splitlines() or [""])[0][:300]
-        print(f"error: {type(e).__name__}: {text} (JAXDIFF_TRACEBACK=1 shows where)", file=sys.stderr)
+        text = (str(e).splitlines() or [""])[0]
+        if "No space left on device" in text or "Read-only file system" in text:
+            reason = "No space left on device" if "No space" in text else "Read-only file system"
+            print(f"error: {reason} ({type(e).__name__} while writing: {text[:160]}); files written before are kept",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"error: {type(e).__name__}: {text[:300]} (JAXDIFF_TRACEBACK=1 shows where)", file=sys.stderr)
         return 1
 
 

@@ -378,7 +378,7 @@ def test_disk_full_during_a_run_keeps_the_older_checkpoints(tmp_path):
     with mounted(tmp_path / "disk", "size=16m"):
         workdir = tmp_path / "disk" / "run"
         proc = start("train.py", f"--workdir={workdir}", *ARGS, "--config.training.n_iters=1000000",
-                     "--config.training.save_every=200", "--config.training.keep=1000")  # fmt: skip
+                     "--config.training.save_every=200", "--config.training.keep=3")  # fmt: skip
         deadline = time.time() + 120
         while not (workdir / "checkpoints" / "400").exists():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
@@ -390,6 +390,7 @@ def test_disk_full_during_a_run_keeps_the_older_checkpoints(tmp_path):
         out, err = proc.communicate(timeout=240)
         assert proc.returncode not in (0, None)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[-3000:]
+        assert "No space left on device" in err and "files written before are kept" in err, err
         good = [s for s in Checkpointer(workdir / "checkpoints").all_steps() if s <= 400]
         assert good and leaves(workdir, good[-1])
 
