@@ -78,7 +78,7 @@ def _probes(keys, noise, num_probes, event):
 
 
 def _log_likelihood(key, score_fn, sde, x, trace, noise, num_probes, eps, options):
-    rtol, atol, max_steps, per_example = options
+    rtol, atol, max_steps, per_example, slots = options
     x = x.astype(jnp.float32)
     batch = x.shape[0]
     probes = None
@@ -103,6 +103,7 @@ def _log_likelihood(key, score_fn, sde, x, trace, noise, num_probes, eps, option
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
+        slots=slots,
     )
     prior_logp = sde.prior_logp(z)
     logp = prior_logp + delta  # eq. 39: log p_eps(x) = log p_T(x_T) + int div f~ dt
@@ -115,7 +116,7 @@ _STATIC = ("sde", "trace", "noise", "num_probes", "eps", "options")
 _log_likelihood_jit = jax.jit(_log_likelihood, static_argnames=_STATIC)
 
 
-def _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps):
+def _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps, slots):
     C.check_sde(sde)
     eps = C.check_eps(eps, sde)
     if trace not in TRACES:
@@ -126,7 +127,8 @@ def _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_exampl
     max_steps = C.check_steps(max_steps, "max_steps")
     rtol = check_tolerance(rtol, "rtol")
     atol = check_tolerance(atol, "atol")
-    return eps, num_probes, (rtol, atol, max_steps, bool(per_example_steps))
+    slots = None if slots is None else C.check_steps(slots, "slots")
+    return eps, num_probes, (rtol, atol, max_steps, bool(per_example_steps), slots)
 
 
 def log_likelihood(
@@ -143,6 +145,7 @@ def log_likelihood(
     eps: float = 1e-5,
     per_example_steps: bool = True,
     max_steps: int = 4096,
+    slots: int | None = None,
 ) -> tuple[Float[Array, " batch"], dict]:
     """Per-example ``log p_eps(x)`` in nats through the probability-flow ODE (eqs. 39-40).
 
@@ -159,13 +162,18 @@ def log_likelihood(
       atol: absolute tolerance.
       eps: the time the data sits at (the paper uses ``1e-5``).
       per_example_steps: independent step sizes per example (default) or one for the batch.
-      max_steps: step limit of the solver; ``info["success"]`` says if each solve finished.
+      max_steps: step limit of the solver; an example that reaches it gets ``logp = NaN``, counted in
+        ``info["nonfinite"]`` (``info["success"]`` says which solves finished).
+      slots: examples solved at once, a finished example's slot taking the next, so a data set costs about the
+        mean number of steps per example (:func:`jaxdiff.refill.solve_refill`); ``None`` chooses by memory and
+        solves the whole batch at once where it fits. Results do not depend on it (to float rounding).
 
     Returns:
       ``(logp, info)``: ``logp`` of shape ``(batch,)``, the log-density of the ``eps``-marginal
-      under the model with the prior standing in for ``p_T``. ``info`` holds ``nfe`` (batched
-      evaluations of drift and divergence), ``nfe_per_example``, ``steps``, ``success``,
-      ``nonfinite``, the latents ``z`` at ``T``, ``prior_logp`` and ``delta_logp`` (the integral).
+      under the model with the prior standing in for ``p_T``; NaN for an example whose solve failed. ``info``
+      holds ``nfe`` (batched evaluations of drift and divergence), ``nfe_per_example``, ``steps``, ``success``,
+      ``status``, ``batched_calls``, ``slot_utilisation``, ``nonfinite`` (failed examples), the latents ``z``
+      at ``T``, ``prior_logp`` and ``delta_logp`` (the integral).
 
     >>> from jaxdiff import GaussianMixture, VPSDE
     >>> sde, gm = VPSDE(), GaussianMixture.grid()
@@ -174,7 +182,9 @@ def log_likelihood(
     >>> bool(jnp.allclose(logp, gm.log_prob(x), atol=0.05))
     True
     """
-    eps, num_probes, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
+    eps, num_probes, options = _check(
+        sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps, slots
+    )
     x = C.check_data(x)
     C.check_score_fn(score_fn, tuple(x.shape))
     return _log_likelihood_jit(key, C.as_partial(score_fn), sde, jnp.asarray(x), trace, noise, num_probes, eps, options)
@@ -258,6 +268,7 @@ def bits_per_dim(
     eps: float = 1e-5,
     per_example_steps: bool = True,
     max_steps: int = 4096,
+    slots: int | None = None,
 ) -> tuple[Float[Array, " batch"], dict]:
     """Bits per dimension of 8-bit data, as in the paper's Table 2 (and score_sde's evaluation).
 
@@ -279,6 +290,7 @@ def bits_per_dim(
       eps: see :func:`log_likelihood`.
       per_example_steps: see :func:`log_likelihood`.
       max_steps: see :func:`log_likelihood`.
+      slots: see :func:`log_likelihood`.
 
     Returns:
       ``(bpd, info)``: ``bpd = -log p(y) / (D log 2) + 7`` (``+ 8`` if not ``centered``) per
@@ -290,7 +302,9 @@ def bits_per_dim(
         dequantize = bool(is_int)
     if dequantize and not is_int:
         raise ValueError("dequantize=True needs integer data in {0, ..., 255}; float data is used as given")
-    eps, num_probes, options = _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps)
+    eps, num_probes, options = _check(
+        sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_example_steps, slots
+    )
     C.check_score_fn(score_fn, tuple(x.shape))
     return _bits_per_dim(
         key,

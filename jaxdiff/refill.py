@@ -98,7 +98,7 @@ def solve_refill(
     atol=1e-5,
     max_steps: int = 4096,
     stage_loop: bool | None = None,
-    refill_fraction: float = 0.125,
+    refill_fraction: float | None = None,
 ) -> tuple[PyTree, dict]:
     """Solves ``N`` independent ODEs ``dy/dt = f(t, y, args)`` with ``slots`` adaptive Dormand--Prince solves at a time.
 
@@ -116,7 +116,9 @@ def solve_refill(
       max_steps: step attempts per example.
       stage_loop: see :func:`jaxdiff.ode.dopri5`.
       refill_fraction: idle slots are refilled together once this fraction of them is idle (or when every remaining
-        example fits), which spreads the two evaluations of a load over many examples.
+        example fits), which spreads the two batched evaluations of a load over several examples. ``None`` adapts
+        it to the mean number of steps ``m`` of the examples finished so far: ``sqrt(2 / (3 m))``, which balances
+        the idle slots' six evaluations per step against a load's two for all slots.
 
     Returns:
       ``(y1, info)``: ``y1`` shaped like ``y0``; ``info`` has per-example ``nfe`` (evaluations of the example),
@@ -124,9 +126,10 @@ def solve_refill(
       cost) and ``slot_utilisation`` (the fraction of slot evaluations that advanced an example).
     """
     n = jax.tree.leaves(y0)[0].shape[0]
-    slots = int(min(slots, n))
-    if slots < 1:
-        raise ValueError(f"slots must be a positive integer, got {slots}")
+    slots = min(ode.check_count(slots, "slots"), n)
+    rtol = ode.check_tolerance(rtol, "rtol")
+    atol = ode.check_tolerance(atol, "atol")
+    max_steps = ode.check_count(max_steps, "max_steps")
     per = _per_example_values(args)
     example = lambda i: (_take(y0, i), _take(per, i))
     t_dtype = jnp.result_type(float, jnp.asarray(t0).dtype, jnp.asarray(t1).dtype)
@@ -156,15 +159,14 @@ def solve_refill(
         "status": jnp.full((n,), ode._RUNNING, jnp.int32),
         "t_final": jnp.zeros((n,), carry.t.dtype),
     }
-    threshold = max(1, math.ceil(slots * refill_fraction))
-    state = (carry, per_slots, idx, jnp.int32(slots), out, jnp.int32(2))
+    state = (carry, per_slots, idx, jnp.int32(slots), out, jnp.int32(2), jnp.int32(0), jnp.int32(0))
 
     def cond(state):
-        _, _, idx, next_i, _, _ = state
+        _, _, idx, next_i, *_ = state
         return jnp.any(idx >= 0) | (next_i < n)
 
     def body(state):
-        carry, per_slots, idx, next_i, out, calls = state
+        carry, per_slots, idx, next_i, out, calls, done_steps, done_count = state
         busy = (idx >= 0) & (carry.status == ode._RUNNING)
         # One step attempt of every busy slot (six batched calls); the others keep their state.
         carry = lax.cond(
@@ -184,7 +186,16 @@ def solve_refill(
             "t_final": out["t_final"].at[where].set(carry.t, mode="drop"),
         }
         idx = jnp.where(finished, -1, idx)
-        # Refill the idle slots together once enough are idle, or when every remaining example fits.
+        done_steps = done_steps + jnp.sum(jnp.where(finished, carry.steps, 0))
+        done_count = done_count + jnp.sum(finished)
+        # Refill the idle slots together once enough are idle, or when every remaining example fits. Waiting one
+        # more step costs 6 evaluations per idle slot, a load 2 per slot: refilling every sqrt(2 m / 3) steps
+        # (m the mean steps per example, S / m slots finishing per step) minimises their sum.
+        if refill_fraction is None:
+            mean_steps = jnp.where(done_count > 0, done_steps / jnp.maximum(done_count, 1), 1.0)
+            threshold = jnp.ceil(slots * jnp.sqrt(2.0 / (3.0 * jnp.maximum(mean_steps, 1.0))))
+        else:
+            threshold = max(1, math.ceil(slots * refill_fraction))
         idle = idx < 0
         n_idle = jnp.sum(idle)
         remaining = n - next_i
@@ -203,9 +214,9 @@ def solve_refill(
         carry, per_slots, idx = lax.cond(jnp.any(load), load_fn, lambda o: o, (carry, per_slots, idx))
         calls = calls + jnp.where(jnp.any(load), 2, 0)
         next_i = next_i + jnp.sum(load).astype(jnp.int32)
-        return carry, per_slots, idx, next_i, out, calls
+        return carry, per_slots, idx, next_i, out, calls, done_steps, done_count
 
-    _, _, _, _, out, calls = lax.while_loop(cond, body, state)
+    _, _, _, _, out, calls, _, _ = lax.while_loop(cond, body, state)
     nfe = 2 + 6 * out["steps"]
     info = {
         "nfe": nfe,

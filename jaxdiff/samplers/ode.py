@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from jaxdiff import ode
+from jaxdiff import ode, refill
 from jaxdiff.per_example import PerExample, is_per_example
 from jaxdiff.samplers import _common as C
 from jaxdiff.sde import SDE
@@ -75,6 +75,7 @@ def solve_batch(
     per_example_steps: bool = True,
     method: str = "dopri5",
     steps: int | None = None,
+    slots: int | None = None,
     **solver_kwargs,
 ) -> tuple[PyTree, dict]:
     """Solves a batch of ODEs whose vector field is written for a batch.
@@ -92,13 +93,20 @@ def solve_batch(
         of the whole batch with a shared step size.
       method: a method of :func:`jaxdiff.ode.solve`.
       steps: number of steps of a fixed-step method.
+      slots: adaptive per-example steps only: solve this many examples at a time, a finished example's slot
+        taking the next one (:func:`jaxdiff.refill.solve_refill`), so the batch costs about the mean number of
+        steps per example rather than the largest. ``None`` chooses by memory
+        (:func:`jaxdiff.refill.default_slots`) and solves the whole batch at once where it fits. Per device when
+        the batch is sharded.
       **solver_kwargs: ``rtol``, ``atol``, ``max_steps`` of the adaptive solver.
 
     Returns:
       ``(y1, info)``: ``info["nfe"]`` counts batched evaluations of ``vector_field`` (the slowest
-      example's count when stepping per example); ``info["nfe_per_example"]``, ``info["steps"]``,
-      ``info["success"]`` and ``info["status"]`` (a code of :data:`jaxdiff.ode.STATUS`) are per example. An
-      example whose solve failed (step limit, step-size underflow, a non-finite field) is NaN in ``y1``.
+      example's count when the whole batch steps at once; ``info["batched_calls"]`` is the same count, and
+      ``info["slot_utilisation"]`` the fraction of the evaluated examples that advanced a solve);
+      ``info["nfe_per_example"]``, ``info["steps"]``, ``info["success"]`` and ``info["status"]`` (a code of
+      :data:`jaxdiff.ode.STATUS`) are per example. An example whose solve failed (step limit, step-size
+      underflow, a non-finite field) is NaN in ``y1``.
     """
     first = jax.tree.leaves(y0)[0]
     batch = first.shape[0]
@@ -126,13 +134,39 @@ def solve_batch(
             out = vector_field(jnp.reshape(t, (1,)), expand(y), a)
             return jax.tree.map(lambda leaf: leaf[0], out)
 
-        solve_one = lambda y, a: ode.solve(one, y, t0, t1, method=method, steps=steps, args=a, **solver_kwargs)
         # Split the per-example constants with the batch; the shared ones go to every example whole.
         split = lambda on, off: jax.tree.map(lambda n: on if is_per_example(n) else off, args, is_leaf=is_per_example)
-        solve_all = jax.vmap(solve_one, in_axes=(0, split(0, None)))
         sharding = jax.typeof(first).sharding
         spec = tuple(sharding.spec)
-        if spec and spec[0] is not None:
+        sharded = bool(spec) and spec[0] is not None
+        local = batch // (sharding.mesh.shape[spec[0]] if sharded else 1)
+        use_slots = None
+        if method in ode.ADAPTIVE:
+            if slots is None:
+                one_y, one_args = jax.tree.map(lambda leaf: leaf[0], y0), _first_example(args)
+                auto = refill.default_slots(one, one_y, one_args, local)
+                use_slots = auto if auto < local else None
+            else:
+                use_slots = min(ode.check_count(slots, "slots"), local)
+
+        def solve_all(y, a):
+            if use_slots is not None:
+                y1, info = refill.solve_refill(one, y, t0, t1, slots=use_slots, args=a, **solver_kwargs)
+            else:
+                solve_one = lambda y, a: ode.solve(one, y, t0, t1, method=method, steps=steps, args=a, **solver_kwargs)
+                y1, info = jax.vmap(solve_one, in_axes=(0, split(0, None)))(y, a)
+                calls = jnp.max(info["nfe"])
+                info = {
+                    **info,
+                    "batched_calls": calls,
+                    "slot_utilisation": jnp.sum(info["nfe"]) / (calls * info["nfe"].shape[0]).astype(jnp.float32),
+                }
+            # Per-device counts travel as arrays of one element, so that a sharded solve can concatenate them.
+            info["batched_calls"] = jnp.reshape(info["batched_calls"], (1,))
+            info["slot_utilisation"] = jnp.reshape(info["slot_utilisation"], (1,))
+            return y1, info
+
+        if sharded:
             # Batch sharded over an explicit mesh: each device solves its own examples (and stops
             # when they are done); the solves are independent, so no communication is needed.
             solve_all = jax.shard_map(
@@ -143,23 +177,37 @@ def solve_batch(
                 check_vma=False,
             )
         y1, info = solve_all(y0, args)
+        batched_calls = jnp.max(info.pop("batched_calls"))
+        utilisation = jnp.mean(info.pop("slot_utilisation"))
     else:
         # One step size for the batch; an example that goes non-finite is dropped from the error control.
         batched = lambda t, y, a: vector_field(jnp.full((batch,), t), y, a)
         y1, info = ode.solve(batched, y0, t0, t1, method=method, steps=steps, args=args, batched=True, **solver_kwargs)
         info = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,)), info)
+        batched_calls, utilisation = jnp.max(info["nfe"]), jnp.float32(1.0)
     # A solve that did not finish (step limit, step size underflow, a non-finite field) has no result: its
     # example comes back as NaN, which the callers count in info["nonfinite"]; the other examples are untouched.
     success = info["success"]
     y1 = jax.tree.map(lambda leaf: jnp.where(_expand_to(success, leaf), leaf, jnp.nan), y1)
     out = {
-        "nfe": jnp.max(info["nfe"]),
+        "nfe": batched_calls,
         "nfe_per_example": info["nfe"],
         "steps": info["steps"],
         "success": success,
         "status": info["status"],
+        "batched_calls": batched_calls,
+        "slot_utilisation": utilisation,
     }
     return y1, out
+
+
+def _first_example(args):
+    """``args`` with each ``PerExample`` node holding its first example's slice (for an abstract trace of ``one``)."""
+    return jax.tree.map(
+        lambda n: PerExample(jax.tree.map(lambda leaf: leaf[0], n.value)) if is_per_example(n) else n,
+        args,
+        is_leaf=is_per_example,
+    )
 
 
 def _expand_to(mask: Array, leaf: Array) -> Array:
@@ -167,7 +215,7 @@ def _expand_to(mask: Array, leaf: Array) -> Array:
 
 
 def _flow(score_fn, sde, x, t0, t1, options):
-    method, steps, rtol, atol, max_steps, per_example = options
+    method, steps, rtol, atol, max_steps, per_example, slots = options
     # The score function travels as an argument, so that its per-example leaves (labels) are split with the batch.
     field = lambda t, y, sf: probability_flow_drift(sf, sde, y, t)
     kwargs = {} if method not in ode.ADAPTIVE else {"rtol": rtol, "atol": atol, "max_steps": max_steps}
@@ -180,11 +228,12 @@ def _flow(score_fn, sde, x, t0, t1, options):
         per_example_steps=per_example,
         method=method,
         steps=steps,
+        slots=slots,
         **kwargs,
     )
 
 
-def _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps):
+def _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps, slots=None):
     """Validates the solver options; returns ``eps`` and the static ``options`` tuple of the jitted solves."""
     C.check_sde(sde)
     eps = C.check_eps(eps, sde)
@@ -198,7 +247,8 @@ def _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_s
     rtol = ode.check_tolerance(rtol, "rtol")
     atol = ode.check_tolerance(atol, "atol")
     max_steps = C.check_steps(max_steps, "max_steps")
-    return eps, (method, steps, rtol, atol, max_steps, bool(per_example_steps))
+    slots = None if slots is None else C.check_steps(slots, "slots")
+    return eps, (method, steps, rtol, atol, max_steps, bool(per_example_steps), slots)
 
 
 _STATIC = ("sde", "shape", "eps", "options", "denoise")
@@ -243,6 +293,7 @@ def ode_sample(
     denoise: bool = False,
     per_example_steps: bool = True,
     max_steps: int = 4096,
+    slots: int | None = None,
 ) -> tuple[Float[Array, "batch ..."], dict]:
     """Samples by integrating the probability-flow ODE (eq. 13) from the prior at ``T`` to ``eps``.
 
@@ -258,11 +309,15 @@ def ode_sample(
       method: ``"dopri5"`` (adaptive, default), ``"euler"``, ``"heun"`` or ``"rk4"``.
       denoise: finish with Tweedie's formula ``E[x_0 | x_eps]`` (one more score evaluation).
       per_example_steps: independent step sizes per example (default) or one for the batch.
-      max_steps: step limit of the adaptive solver; ``info["success"]`` says if it was reached.
+      max_steps: step limit of the adaptive solver; an example that reaches it is NaN, counted in
+        ``info["nonfinite"]``, and ``info["success"]`` is false for it.
+      slots: examples solved at once by the adaptive solver, a finished one's slot taking the next
+        (see :func:`solve_batch`); ``None`` chooses by memory.
 
     Returns:
       ``(x, info)``: samples of ``shape`` in float32; ``info`` has ``nfe`` (batched score
-      evaluations), ``nfe_per_example``, ``steps``, ``success`` and ``nonfinite``.
+      evaluations), ``nfe_per_example``, ``steps``, ``success``, ``status``, ``batched_calls``,
+      ``slot_utilisation`` and ``nonfinite`` (failed examples, NaN in ``x``).
 
     >>> from jaxdiff import GaussianMixture, VPSDE
     >>> sde, gm = VPSDE(), GaussianMixture.grid()
@@ -271,7 +326,7 @@ def ode_sample(
     ((16, 2), True)
     """
     shape = C.check_shape(shape)
-    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps)
+    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps, slots)
     return _sample(key, C.as_partial(score_fn), sde, shape, eps, options, bool(denoise))
 
 
@@ -288,13 +343,14 @@ def decode(
     denoise: bool = False,
     per_example_steps: bool = True,
     max_steps: int = 4096,
+    slots: int | None = None,
 ) -> tuple[Float[Array, "batch ..."], dict]:
     """Maps latents ``z`` at time ``T`` to data at ``eps`` along the probability-flow ODE.
 
     The inverse of :func:`encode`; :func:`ode_sample` is ``decode`` of a prior draw. Arguments and
     ``info`` as in :func:`ode_sample`.
     """
-    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps)
+    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps, slots)
     return _decode_jit(C.as_partial(score_fn), sde, jnp.asarray(z), eps, options, bool(denoise))
 
 
@@ -310,6 +366,7 @@ def encode(
     method: str = "dopri5",
     per_example_steps: bool = True,
     max_steps: int = 4096,
+    slots: int | None = None,
 ) -> tuple[Float[Array, "batch ..."], dict]:
     """Maps data ``x`` at time ``eps`` to latents at ``T`` along the probability-flow ODE.
 
@@ -324,6 +381,7 @@ def encode(
       method: ``"dopri5"`` (adaptive, default), ``"euler"``, ``"heun"`` or ``"rk4"``.
       per_example_steps: independent step sizes per example (default) or one for the batch.
       max_steps: step limit of the adaptive solver.
+      slots: see :func:`ode_sample`.
 
     Returns:
       ``(z, info)`` with ``info`` as in :func:`ode_sample`.
@@ -334,5 +392,5 @@ def encode(
     >>> z.shape
     (4, 2)
     """
-    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps)
+    eps, options = _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_steps, slots)
     return _encode(C.as_partial(score_fn), sde, jnp.asarray(x), eps, options)
