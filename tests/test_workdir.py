@@ -414,3 +414,46 @@ def test_interrupted_sampling_continues_from_its_partial_file(copy):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert line.startswith("continuing ") and f"{done} of 3000 batches done" in line, line
+
+
+@pytest.mark.slow
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    extra = ["--config.training.n_iters=200", "--config.training.log_every=50", "--config.training.progress_bar=True"]
+    cmd = [sys.executable, os.path.join(EXPERIMENTS, "train.py"), f"--workdir={tmp_path / 'run'}", *ARGS, *extra]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=child, stderr=child, cwd=ROOT)
+    os.close(child)
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(master, 65536):
+            out += chunk
+    assert proc.wait(timeout=240) == 0, out[-3000:]
+    text = out.decode(errors="replace")
+    assert "\r" in text and "step/s" in text  # tqdm's bar
+    assert "step 50/200  loss" not in text  # no plain lines on a terminal
+
+
+@pytest.mark.slow
+def test_summary_and_evaluate_agree_on_sample_quality(tmp_path):
+    # 13: the same checkpoint, the same FID / KID from the end-of-training summary and from evaluate.py.
+    workdir = tmp_path / "digits"
+    config = os.path.join(EXPERIMENTS, "configs", "digits_vp_ddpmpp.py")
+    args = [f"--config={config}", "--config.training.n_iters=2", "--config.training.batch_size=16",
+            "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+            "--config.sampling.steps=3", "--config.eval.num_samples=64", "--config.eval.likelihood_examples=8",
+            "--config.eval.ode_tol=0.01", "--config.eval.quality=True"]  # fmt: skip
+    code, out, err = run("train.py", f"--workdir={workdir}", *args, timeout=600)
+    assert code == 0, err[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    code, out, err = run("evaluate.py", f"--workdir={workdir}", timeout=600)
+    assert code == 0, err[-3000:]
+    result = json.loads((workdir / "eval.json").read_text())
+    for key in ("num_samples", "num_reference", "kid_subset_size", "fid", "kid_mean", "kid_std", "test_bits_per_dim"):
+        assert result[key] == summary[key], key
+    assert summary["num_samples"] == 64 and summary["kid_subset_size"] == 32 and summary["kid_std"] > 0
