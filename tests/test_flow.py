@@ -16,6 +16,7 @@ from jaxdiff import losses as L
 from jaxdiff import parameterization as P
 from jaxdiff.likelihood import log_likelihood
 from jaxdiff.oracle import GaussianMixture
+from jaxdiff.samplers import _common as C
 from jaxdiff.samplers.ddim import ddim_sample
 from jaxdiff.samplers.dpm_solver import dpm_solver_pp_sample
 from jaxdiff.samplers.edm import heun_sample
@@ -231,14 +232,14 @@ def test_flow_euler_is_ddim_on_the_linear_path():
 
 @pytest.mark.slow
 def test_flow_euler_converges_with_order_one():
-    """Distance to the adaptive solution from the same prior draw: the slope of log error on log step is 1."""
-    z = jax.random.normal(KEY, (256, 2))
+    """Distance to the adaptive solution from the same prior draws: the slope of log error on log step is 1."""
+    n = 256
+    z = C.prior_sample(C.example_keys(KEY, n), SDE, (2,))  # flow_euler's own prior draws
     ref, _ = decode(GM.score_fn(SDE), SDE, z, rtol=1e-7, atol=1e-7, eps=0.0)
     steps = np.array([20, 40, 80])
     errors = []
-    for n in steps:
-        # flow_euler draws its prior from the key; decode the same draws to compare.
-        x, _ = decode(GM.score_fn(SDE), SDE, z, method="euler", steps=int(n), eps=0.0)
+    for k in steps:
+        x, _ = flow_euler_sample(KEY, GM.score_fn(SDE), SDE, (n, 2), steps=int(k))
         errors.append(float(np.mean(np.linalg.norm(np.asarray(x - ref), axis=-1))))
     slope = np.polyfit(np.log(1.0 / steps), np.log(errors), 1)[0]
     assert 0.85 < slope < 1.2, (errors, slope)
