@@ -14,6 +14,13 @@ order and the random stream continuing, so the parameters equal an uninterrupted
 step with a non-finite loss or gradient never updates the parameters (the train step skips it); with
 ``--nonfinite=stop`` (the default) the run then saves the last good state and exits with code 3, naming the step;
 with ``--nonfinite=skip`` it counts such steps (``skipped`` in ``metrics.jsonl``) and goes on.
+
+The work directory stays whole (``experiments/workdir.py``): one ``train.py`` per directory (``WORKDIR/lock``; a
+stale lock of a killed run is taken over with a note); a resume with a config that changes the run is refused
+before anything is written; unreadable checkpoints are moved to ``checkpoints/corrupt-<step>`` and the run goes on
+from the newest readable one (state, data position and random stream from that one checkpoint), or, if none reads,
+is refused unless ``--restart``; ``metrics.jsonl`` is reopened for every row. On a terminal a progress bar shows
+the steps; otherwise one plain line per log interval.
 """
 
 from __future__ import annotations
@@ -119,8 +126,6 @@ def train(config, workdir: str, nonfinite: str = "stop", restart: bool = False):
             ckpt.close()
             raise Stop(f"stopped by signal {received[0]} at step {step}; checkpoint saved in {ckpt.directory}",
                        128 + received[0])  # fmt: skip
-    if int(state.step) == t.n_iters and ckpt.latest_step() != t.n_iters:
-        ckpt.save(t.n_iters, state, metadata=metadata())  # e.g. resumed at n_iters, whose checkpoint was moved aside
     bar.close()
     ckpt.close()
     return state, row

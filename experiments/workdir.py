@@ -353,12 +353,15 @@ def require_finite_params(params, what: str) -> None:
 
 
 def require_finite(values, info: dict | None, what: str) -> None:
-    """Refuses to report a metric computed from non-finite outputs (``info["nonfinite"]`` or the values)."""
-    flagged = int(np.asarray(info.get("nonfinite", 0))) if info else 0
+    """Refuses to report a metric computed from non-finite outputs: ``info["nonfinite"]`` or found in ``values``.
+
+    ``info["nonfinite"]`` of the samplers and the likelihood counts the examples whose output is not finite,
+    including adaptive solves that failed or did not converge (which come back as NaN).
+    """
     arr = np.asarray(values)
-    bad = max(flagged, int(np.sum(~np.all(np.isfinite(arr.reshape(arr.shape[0], -1)), axis=-1))) if arr.ndim else 0)
-    if arr.ndim == 0 and not np.isfinite(arr):
-        bad = max(bad, 1)
+    rows = arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1)
+    found = int(np.sum(~np.all(np.isfinite(rows), axis=-1)))
+    flagged = int(np.asarray(info.get("nonfinite", 0))) if info else 0
+    bad = max(found, flagged)
     if bad:
-        n = arr.shape[0] if arr.ndim else 1
-        raise Refused(f"{what}: {bad} of {n} outputs are not finite (a diverged model or a failed ODE solve)")
+        raise Refused(f"{what}: {bad} of {len(rows)} outputs are not finite (a diverged model or a failed ODE solve)")
