@@ -52,9 +52,25 @@ def _env():
     return env
 
 
+STARTED: list[subprocess.Popen] = []
+
+
 def start(script, *args):
     cmd = [sys.executable, os.path.join(EXPERIMENTS, script), *map(str, args)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes():
+    """A test that fails half-way leaves no script running (or stopped) behind."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def run(script, *args, timeout=240):
