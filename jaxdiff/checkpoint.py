@@ -24,7 +24,10 @@ directory.
   never overwritten. Nothing here deletes a checkpoint except the keep-last-K policy.
 
 >>> ckpt = Checkpointer(workdir + "/checkpoints", save_every=1000, keep=3)
->>> state = ckpt.restore_latest(state)          # unchanged if there is no checkpoint yet
+>>> found = ckpt.restore_newest(state)          # found.step is None if there is no checkpoint yet
+>>> state = found.value
+>>> if found.step is not None:
+...     data.restore(found.metadata["data"])    # the data position saved with that same checkpoint
 >>> for step in range(int(state.step), num_steps):
 ...     state, metrics = train_step(state, next(data))
 ...     if ckpt.should_save(step + 1):
