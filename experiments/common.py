@@ -280,9 +280,11 @@ def run_main(main, argv=None) -> int:
         print(f"error: {e.strerror or (str(e).splitlines() or [''])[0]}{where}{kept}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        if type(e).__name__ == "Refused":
+        from workdir import Refused  # workdir.py imports this module
+
+        if isinstance(e, Refused):
             print(f"refused: {e}", file=sys.stderr)
-            return getattr(e, "code", 3)
+            return e.code
         if os.environ.get("JAXDIFF_TRACEBACK"):
             raise
         text = (str(e).splitlines() or [""])[0]
