@@ -258,6 +258,8 @@ def test_refusals_where_a_method_does_not_apply():
     score_fn = GM.score_fn(SDE)
     with pytest.raises(ValueError, match="time_schedule='logsnr' needs a finite log-SNR at T"):
         dpm_solver_pp_sample(KEY, score_fn, SDE, (4, 2))
+    with pytest.raises(ValueError, match="DDIM time_schedule='logsnr' needs a finite log-SNR at T"):
+        ddim_sample(KEY, score_fn, SDE, (4, 2), time_schedule="logsnr")
     with pytest.raises(ValueError, match="Heun sampler needs a finite sigma_max for RectifiedFlow"):
         heun_sample(KEY, score_fn, SDE, (4, 2))
     # VP keeps its defaults.
