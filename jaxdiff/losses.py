@@ -89,6 +89,16 @@ def _reduce(sq: Array, reduce_mean: bool) -> Array:
 # ----------------------------------------------------------------------------------------------------------
 # Importance sampling of t for likelihood weighting
 # ----------------------------------------------------------------------------------------------------------
+def _check_finite_log_snr_at_T(sde: SDE) -> None:
+    with jax.ensure_compile_time_eval():
+        log_snr_T = float(sde.log_snr(jnp.float32(sde.T)))
+    if not math.isfinite(log_snr_T):
+        raise ValueError(
+            f"importance_sampling draws t uniformly in the log-SNR, which is -inf at T={sde.T} for "
+            f"{type(sde).__name__} (alpha(T) = 0): the density has no normaliser; use importance_sampling=False"
+        )
+
+
 def importance_normalizer(sde: SDE, eps: float) -> Array:
     """``Z = int_eps^T g(t)^2 / sigma(t)^2 dt = log_snr(eps) - log_snr(T)``."""
     return sde.log_snr(jnp.float32(eps)) - sde.log_snr(jnp.float32(sde.T))
@@ -137,6 +147,8 @@ def dsm_loss(
         raise ValueError("importance_sampling applies to likelihood_weighting=True only")
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
+    if importance_sampling:
+        _check_finite_log_snr_at_T(sde)
     k_t, k_z = jax.random.split(key)
     b = x0.shape[0]
     u = jax.random.uniform(k_t, (b,), jnp.float32)
@@ -354,6 +366,8 @@ def make_loss_fn(
             raise ValueError(f"discrete losses exist for VPSDE (DDPM) and VESDE (SMLD), got {type(sde).__name__}")
     if importance_sampling and not likelihood_weighting:
         raise ValueError("importance_sampling applies to likelihood_weighting=True only")
+    if importance_sampling:
+        _check_finite_log_snr_at_T(sde)
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
     score_model = ScoreModel(model, sde, as_parameterization(parameterization, model, **parameterization_kwargs))

@@ -351,6 +351,8 @@ def test_flow_matching_argument_errors():
         L.make_loss_fn(SDE, net, time_sampling="logit_normal")
     with pytest.raises(ValueError, match="unknown time_sampling 'beta'"):
         L.make_loss_fn(SDE, net, objective="flow_matching", time_sampling="beta")
+    with pytest.raises(ValueError, match="importance_sampling draws t uniformly in the log-SNR, which is -inf at T"):
+        L.make_loss_fn(SDE, net, likelihood_weighting=True, importance_sampling=True)
     with pytest.raises(ValueError, match="logit_std must be a finite positive number, got 0.0"):
         L.flow_matching_loss(KEY, lambda x, t: x, SDE, jnp.zeros((2, 2)), time_sampling="logit_normal", logit_std=0.0)
 
