@@ -32,6 +32,16 @@ Run:
 
     python benchmarks/likelihood.py                     # 2-D / 64 points and 16-D / 256 points, Hutchinson
     python benchmarks/likelihood.py --trace exact --problems 16:256
+    python benchmarks/likelihood.py --refill            # continuous batching: 2-D and 16-D, N = 1024 and 4096
+
+``--refill`` compares the ways of solving a data set of ``N`` points (exact trace, so that the error to the
+mixture's exact log-density is the solver's and the prior's alone): ``refill_<S>`` (:mod:`jaxdiff.refill`,
+``S`` slots), ``global`` (one step size for the batch), ``vmap`` (every example its own steps, the whole batch
+stepped until its slowest example is done) and ``diffrax`` (one step size per batch). Each runs over the tolerance
+sweep; a line per run gives ``evaluations`` (example evaluations of the vector field: batched calls times their
+width, the work), the wall time and ``mean_err`` (mean absolute error in nats to the exact log-density), and a
+summary line per problem compares them at ``--tol`` and at equal accuracy (the cheapest run of each method whose
+``mean_err`` is at most ``--target-err``).
 """
 
 from __future__ import annotations
@@ -89,7 +99,17 @@ def main() -> None:
     parser.add_argument("--tols", default="1e-3,3e-4,1e-4,3e-5,1e-5,3e-6,1e-6", help="tolerances of the sweep")
     parser.add_argument("--tol", type=float, default=1e-5, help="the tolerance the summary compares at")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--refill", action="store_true", help="benchmark continuous batching (see the docstring)")
+    parser.add_argument("--sizes", default="1024,4096", help="--refill: data set sizes N")
+    parser.add_argument("--slots", default="64,256", help="--refill: slot counts")
+    parser.add_argument("--target-err", type=float, default=1e-3, help="--refill: the accuracy compared at (nats)")
     flags = parser.parse_args()
+    if flags.refill:
+        for problem in ("2", "16") if flags.problems == "2:64,16:256" else flags.problems.split(","):
+            for n in (int(v) for v in flags.sizes.split(",")):
+                slots = [int(v) for v in flags.slots.split(",")]
+                run_refill(int(problem.split(":")[0]), n, slots, tols_for_refill(flags), flags)
+        return
     tols = sorted({float(t) for t in flags.tols.split(",")} | {flags.tol}, reverse=True)
     for problem in flags.problems.split(","):
         dim, batch = (int(v) for v in problem.split(":"))
@@ -198,6 +218,100 @@ def run_problem(dim: int, batch: int, trace: str, tols: list[float], tol_at: flo
             report(name, tol, logp, seconds[name], nfe, **extra)
 
     print(json.dumps(summarize(rows, tol_at)), flush=True)
+
+
+def tols_for_refill(flags) -> list[float]:
+    return sorted({float(t) for t in flags.tols.split(",")} | {flags.tol}, reverse=True)
+
+
+def run_refill(dim: int, n: int, slot_counts: list[int], tols: list[float], flags) -> None:
+    """Continuous batching against batch-global stepping, vmapped per-example stepping and diffrax."""
+    sde, gm = VPSDE(), make_mixture(dim)
+    score_fn = gm.score_fn(sde)
+    x = gm.at_time(EPS, sde).sample(jax.random.key(0), n)
+    exact = np.asarray(gm.marginal_log_prob(x, EPS, sde), np.float64)
+
+    def prior_gap(z):
+        # The model's density uses N(0, I) for p_T; take that known difference out, so that the error is the solver's.
+        return np.asarray(sde.prior_logp(z), np.float64) - np.asarray(gm.marginal_log_prob(z, sde.T, sde), np.float64)
+
+    def drift_div(t, state):
+        xb, _ = state
+        return _drift_and_divergence(score_fn, sde, xb, jnp.full((xb.shape[0],), t, jnp.float32), None)
+
+    @jax.jit
+    def diffrax_run(tol):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: drift_div(t, y)),
+            diffrax.Dopri5(),
+            t0=EPS,
+            t1=sde.T,
+            dt0=None,
+            y0=(x, jnp.zeros((n,), jnp.float32)),
+            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+            max_steps=4096,
+        )
+        z, delta = sol.ys
+        return sde.prior_logp(z[-1]) + delta[-1], sol.stats["num_steps"], z[-1]
+
+    def ours(**kw):
+        return lambda tol: log_likelihood(
+            jax.random.key(1), score_fn, sde, x, trace="exact", rtol=tol, atol=tol, eps=EPS, **kw
+        )
+
+    methods = {f"refill_{s}": ours(slots=s) for s in slot_counts}
+    methods["global"] = ours(per_example_steps=False)
+    methods["vmap"] = ours(slots=n)  # one slot per example: every example stepped until the slowest is done
+    rows = []
+    for tol in tols:
+        runs = {}
+        for name, fn in methods.items():
+            run = lambda fn=fn, tol=tol: fn(tol)
+            logp, info = jax.block_until_ready(run())
+            calls = int(info["batched_calls"])
+            runs[name] = (run, logp - prior_gap(info["z"]), int(info["evaluations"]), calls, int(info["nonfinite"]))
+        run = lambda tol=tol: diffrax_run(tol)
+        logp, steps, z = jax.block_until_ready(run())
+        nfe = 6 * int(steps) + 2  # Dopri5 with FSAL: 6 evaluations per step, 2 for the first step
+        runs["diffrax"] = (run, logp - prior_gap(z), nfe * n, nfe, 0)
+        seconds = interleaved_times({name: r[0] for name, r in runs.items()}, flags.repeats, min_seconds=0.2)
+        for name, (_, logp, evaluations, calls, nonfinite) in runs.items():
+            row = {
+                "problem": f"{dim}-D, N={n}",
+                "method": name,
+                "tol": tol,
+                "evaluations": evaluations,
+                "batched_calls": calls,
+                "seconds": round(seconds[name], 5),
+                "mean_err": float(np.mean(np.abs(np.asarray(logp, np.float64) - exact))),
+                "nonfinite": nonfinite,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = {"summary": True, "problem": rows[0]["problem"], "tol": flags.tol, "target_err": flags.target_err}
+    at_tol = {r["method"]: r for r in rows if r["tol"] == flags.tol}
+    accurate = {}
+    for r in rows:
+        if r["mean_err"] <= flags.target_err and (
+            r["method"] not in accurate or r["seconds"] < accurate[r["method"]]["seconds"]
+        ):
+            accurate[r["method"]] = r
+    best = min((m for m in methods if m.startswith("refill")), key=lambda m: at_tol[m]["seconds"])
+    summary["best_refill"] = best
+    for other in ("global", "vmap", "diffrax"):
+        summary[f"{best}_vs_{other}_same_tol"] = {
+            "evaluations": round(at_tol[best]["evaluations"] / at_tol[other]["evaluations"], 3),
+            "seconds": round(at_tol[best]["seconds"] / at_tol[other]["seconds"], 3),
+        }
+        if best in accurate and other in accurate:
+            summary[f"{best}_vs_{other}_same_accuracy"] = {
+                "evaluations": round(accurate[best]["evaluations"] / accurate[other]["evaluations"], 3),
+                "seconds": round(accurate[best]["seconds"] / accurate[other]["seconds"], 3),
+                "tols": [accurate[best]["tol"], accurate[other]["tol"]],
+            }
+    summary["global_vs_diffrax_same_tol_seconds"] = round(at_tol["global"]["seconds"] / at_tol["diffrax"]["seconds"], 3)
+    summary["device"] = str(jax.devices()[0].platform)
+    print(json.dumps(summary), flush=True)
 
 
 def summarize(rows: list[dict], tol_at: float) -> dict:

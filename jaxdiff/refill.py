@@ -8,11 +8,11 @@ attempt for attempt), and when an example finishes, its result is written to the
 loaded into its slot, inside one compiled ``lax.while_loop``. A data set then costs about the *mean* number of
 steps per example.
 
-Each loop iteration is one step attempt of every busy slot: six batched evaluations of the vector field. Loading
-examples costs two more batched evaluations (the first stage and Hairer's first-step estimate), so idle slots are
-refilled together, once ``refill_fraction`` of the slots are idle (or when the remaining examples fit). An example's
-steps do not depend on the slot it runs in, on the slot count or on the other examples: results equal those of a
-plain per-example solve to float rounding.
+Each loop iteration is one step attempt of every busy slot: six batched evaluations of the vector field over the
+slots. Examples are loaded ``load_width`` at a time into idle slots, with two batched evaluations over just those
+examples (the first stage and Hairer's first-step estimate), so a load costs two evaluations per example, as in a
+plain solve. An example's steps do not depend on the slot it runs in, on the slot count or on the other examples:
+results equal those of a plain per-example solve to float rounding.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def solve_refill(
     atol=1e-5,
     max_steps: int = 4096,
     stage_loop: bool | None = None,
-    refill_fraction: float | None = None,
+    load_width: int | None = None,
 ) -> tuple[PyTree, dict]:
     """Solves ``N`` independent ODEs ``dy/dt = f(t, y, args)`` with ``slots`` adaptive Dormand--Prince solves at a time.
 
@@ -115,15 +115,14 @@ def solve_refill(
       atol: absolute tolerance.
       max_steps: step attempts per example.
       stage_loop: see :func:`jaxdiff.ode.dopri5`.
-      refill_fraction: idle slots are refilled together once this fraction of them is idle (or when every remaining
-        example fits), which spreads the two batched evaluations of a load over several examples. ``None`` adapts
-        it to the mean number of steps ``m`` of the examples finished so far: ``sqrt(2 / (3 m))``, which balances
-        the idle slots' six evaluations per step against a load's two for all slots.
+      load_width: examples loaded at once into idle slots (two calls of this width: the first stage and the first
+        step size); a load waits until that many slots are idle. ``None``: ``slots / 16``, rounded up.
 
     Returns:
       ``(y1, info)``: ``y1`` shaped like ``y0``; ``info`` has per-example ``nfe`` (evaluations of the example),
-      ``steps``, ``success``, ``status`` and ``t_final``, and ``batched_calls`` (vmapped evaluations of ``f``: the
-      cost) and ``slot_utilisation`` (the fraction of slot evaluations that advanced an example).
+      ``steps``, ``success``, ``status`` and ``t_final``, and ``batched_calls`` (vmapped calls of ``f``, of ``slots``
+      or ``load_width`` examples), ``evaluations`` (the example evaluations those calls made: the work) and
+      ``slot_utilisation`` (the fraction of them that advanced an example).
     """
     n = jax.tree.leaves(y0)[0].shape[0]
     slots = min(ode.check_count(slots, "slots"), n)
@@ -149,6 +148,8 @@ def solve_refill(
 
     start_all = jax.vmap(start)
     attempt_all = jax.vmap(attempt)
+    width = load_width or max(1, math.ceil(slots / 16))
+    width = min(ode.check_count(width, "load_width"), slots)
 
     idx = jnp.arange(slots, dtype=jnp.int32)
     y_slots, per_slots = example(idx)
@@ -159,14 +160,35 @@ def solve_refill(
         "status": jnp.full((n,), ode._RUNNING, jnp.int32),
         "t_final": jnp.zeros((n,), carry.t.dtype),
     }
-    state = (carry, per_slots, idx, jnp.int32(slots), out, jnp.int32(2), jnp.int32(0), jnp.int32(0))
+    # Counters: batched calls, and the example evaluations they made (the work).
+    state = (carry, per_slots, idx, jnp.int32(slots), out, jnp.int32(2), jnp.int32(2 * slots))
 
     def cond(state):
         _, _, idx, next_i, *_ = state
         return jnp.any(idx >= 0) | (next_i < n)
 
+    def wants_load(idx, next_i):
+        remaining = n - next_i
+        return (remaining > 0) & (jnp.sum(idx < 0) >= jnp.minimum(width, remaining))
+
+    def load(state):
+        # The next `width` examples into the first `width` idle slots: their first stage and first step size in two
+        # calls of `width` examples each, so a load costs two evaluations per example and nothing for the others.
+        carry, per_slots, idx, next_i, calls, work = state
+        slot_ids = jnp.nonzero(idx < 0, size=width, fill_value=slots)[0]
+        examples = next_i + jnp.arange(width, dtype=jnp.int32)
+        valid = (slot_ids < slots) & (examples < n)
+        y_new, per_new = example(jnp.where(valid, examples, 0))
+        fresh = start_all(y_new, per_new)
+        target = jnp.where(valid, slot_ids, slots)  # out of range: dropped
+        put = lambda old, new: jax.tree.map(lambda a, b: a.at[target].set(b, mode="drop"), old, new)
+        carry, per_slots = put(carry, fresh), put(per_slots, per_new)
+        idx = idx.at[target].set(examples, mode="drop")
+        next_i = next_i + jnp.sum(valid).astype(jnp.int32)
+        return carry, per_slots, idx, next_i, calls + 2, work + 2 * width
+
     def body(state):
-        carry, per_slots, idx, next_i, out, calls, done_steps, done_count = state
+        carry, per_slots, idx, next_i, out, calls, work = state
         busy = (idx >= 0) & (carry.status == ode._RUNNING)
         # One step attempt of every busy slot (six batched calls); the others keep their state.
         carry = lax.cond(
@@ -176,6 +198,7 @@ def solve_refill(
             carry,
         )
         calls = calls + jnp.where(jnp.any(busy), 6, 0)
+        work = work + jnp.where(jnp.any(busy), 6 * slots, 0)
         # Finished examples go to the output; their slots fall idle.
         finished = (idx >= 0) & (carry.status != ode._RUNNING)
         where = jnp.where(finished, idx, n)  # out of range: dropped
@@ -186,37 +209,13 @@ def solve_refill(
             "t_final": out["t_final"].at[where].set(carry.t, mode="drop"),
         }
         idx = jnp.where(finished, -1, idx)
-        done_steps = done_steps + jnp.sum(jnp.where(finished, carry.steps, 0))
-        done_count = done_count + jnp.sum(finished)
-        # Refill the idle slots together once enough are idle, or when every remaining example fits. Waiting one
-        # more step costs 6 evaluations per idle slot, a load 2 per slot: refilling every sqrt(2 m / 3) steps
-        # (m the mean steps per example, S / m slots finishing per step) minimises their sum.
-        if refill_fraction is None:
-            mean_steps = jnp.where(done_count > 0, done_steps / jnp.maximum(done_count, 1), 1.0)
-            threshold = jnp.ceil(slots * jnp.sqrt(2.0 / (3.0 * jnp.maximum(mean_steps, 1.0))))
-        else:
-            threshold = max(1, math.ceil(slots * refill_fraction))
-        idle = idx < 0
-        n_idle = jnp.sum(idle)
-        remaining = n - next_i
-        refill = (remaining > 0) & ((n_idle >= threshold) | (n_idle >= remaining) | jnp.all(idle))
-        new_idx = next_i + jnp.cumsum(idle.astype(jnp.int32)) - 1
-        load = refill & idle & (new_idx < n)
+        # Refill while a full load of idle slots (or every remaining example) is waiting.
+        carry, per_slots, idx, next_i, calls, work = lax.while_loop(
+            lambda st: wants_load(st[2], st[3]), load, (carry, per_slots, idx, next_i, calls, work)
+        )
+        return carry, per_slots, idx, next_i, out, calls, work
 
-        def load_fn(operand):
-            carry, per_slots, idx = operand
-            y_new, per_new = example(jnp.where(load, new_idx, 0))
-            fresh = start_all(y_new, per_new)
-            carry = ode._select(load, fresh, carry)
-            per_slots = ode._select(load, per_new, per_slots)
-            return carry, per_slots, jnp.where(load, new_idx, idx)
-
-        carry, per_slots, idx = lax.cond(jnp.any(load), load_fn, lambda o: o, (carry, per_slots, idx))
-        calls = calls + jnp.where(jnp.any(load), 2, 0)
-        next_i = next_i + jnp.sum(load).astype(jnp.int32)
-        return carry, per_slots, idx, next_i, out, calls, done_steps, done_count
-
-    _, _, _, _, out, calls, _, _ = lax.while_loop(cond, body, state)
+    _, _, _, _, out, calls, work = lax.while_loop(cond, body, state)
     nfe = 2 + 6 * out["steps"]
     info = {
         "nfe": nfe,
@@ -225,6 +224,7 @@ def solve_refill(
         "status": out["status"],
         "t_final": out["t_final"],
         "batched_calls": calls,
-        "slot_utilisation": jnp.sum(nfe) / (calls * slots).astype(jnp.float32),
+        "evaluations": work,
+        "slot_utilisation": jnp.sum(nfe) / work.astype(jnp.float32),
     }
     return out["y"], info

@@ -102,8 +102,9 @@ def solve_batch(
 
     Returns:
       ``(y1, info)``: ``info["nfe"]`` counts batched evaluations of ``vector_field`` (the slowest
-      example's count when the whole batch steps at once; ``info["batched_calls"]`` is the same count, and
-      ``info["slot_utilisation"]`` the fraction of the evaluated examples that advanced a solve);
+      example's count when the whole batch steps at once; ``info["batched_calls"]`` is the same count,
+      ``info["evaluations"]`` the example evaluations made (the work) and ``info["slot_utilisation"]`` the
+      fraction of them that advanced a solve);
       ``info["nfe_per_example"]``, ``info["steps"]``, ``info["success"]`` and ``info["status"]`` (a code of
       :data:`jaxdiff.ode.STATUS`) are per example. An example whose solve failed (step limit, step-size
       underflow, a non-finite field) is NaN in ``y1``.
@@ -156,14 +157,16 @@ def solve_batch(
                 solve_one = lambda y, a: ode.solve(one, y, t0, t1, method=method, steps=steps, args=a, **solver_kwargs)
                 y1, info = jax.vmap(solve_one, in_axes=(0, split(0, None)))(y, a)
                 calls = jnp.max(info["nfe"])
+                work = calls * info["nfe"].shape[0]  # every example is evaluated until the slowest is done
                 info = {
                     **info,
                     "batched_calls": calls,
-                    "slot_utilisation": jnp.sum(info["nfe"]) / (calls * info["nfe"].shape[0]).astype(jnp.float32),
+                    "evaluations": work,
+                    "slot_utilisation": jnp.sum(info["nfe"]) / work.astype(jnp.float32),
                 }
             # Per-device counts travel as arrays of one element, so that a sharded solve can concatenate them.
-            info["batched_calls"] = jnp.reshape(info["batched_calls"], (1,))
-            info["slot_utilisation"] = jnp.reshape(info["slot_utilisation"], (1,))
+            for name in ("batched_calls", "evaluations", "slot_utilisation"):
+                info[name] = jnp.reshape(info[name], (1,))
             return y1, info
 
         if sharded:
@@ -178,13 +181,16 @@ def solve_batch(
             )
         y1, info = solve_all(y0, args)
         batched_calls = jnp.max(info.pop("batched_calls"))
-        utilisation = jnp.mean(info.pop("slot_utilisation"))
+        evaluations = jnp.sum(info.pop("evaluations"))
+        utilisation = jnp.sum(info["nfe"]) / evaluations.astype(jnp.float32)
+        info.pop("slot_utilisation")
     else:
         # One step size for the batch; an example that goes non-finite is dropped from the error control.
         batched = lambda t, y, a: vector_field(jnp.full((batch,), t), y, a)
         y1, info = ode.solve(batched, y0, t0, t1, method=method, steps=steps, args=args, batched=True, **solver_kwargs)
         info = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,)), info)
         batched_calls, utilisation = jnp.max(info["nfe"]), jnp.float32(1.0)
+        evaluations = batched_calls * batch
     # A solve that did not finish (step limit, step size underflow, a non-finite field) has no result: its
     # example comes back as NaN, which the callers count in info["nonfinite"]; the other examples are untouched.
     success = info["success"]
@@ -196,6 +202,7 @@ def solve_batch(
         "success": success,
         "status": info["status"],
         "batched_calls": batched_calls,
+        "evaluations": evaluations,
         "slot_utilisation": utilisation,
     }
     return y1, out
