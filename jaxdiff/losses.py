@@ -20,7 +20,7 @@ Conditional flow matching (Lipman et al., ICLR 2023) on the linear path of :clas
 (Liu et al., ICLR 2023) regresses a velocity network on the velocity of the path, ``d x_t / dt = eps - x_0``:
 
     L(theta) = E_t E_{x_0} E_eps || u_theta(x_t, t) - (eps - x_0) ||^2,
-    t ~ U[0, 1]  or  t = sigmoid(m + s n), n ~ N(0, 1)  (logit-normal, Esser et al. 2024, sec. 3.1).
+    t ~ U(0, 1]  or  t = sigmoid(m + s n), n ~ N(0, 1)  (logit-normal, Esser et al. 2024, sec. 3.1).
 
 Its minimiser is ``u(x, t) = E[eps - x_0 | x_t = x]``, the probability-flow velocity. In terms of the noise
 prediction: ``x = alpha x_0 + sigma eps`` fixes ``x``, so an error ``d`` in ``eps`` is an error ``-sigma d / alpha``
@@ -187,13 +187,15 @@ def _check_time_sampling(time_sampling, logit_mean, logit_std) -> None:
 def flow_matching_time(
     key: Array, n: int, sde: SDE, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0
 ) -> Float[Array, " n"]:
-    """``n`` training times on ``[0, T]``: uniform, or logit-normal ``T sigmoid(m + s n)`` (Esser et al. 2024, eq. 19).
+    """``n`` training times: uniform on ``(0, T]``, or logit-normal ``T sigmoid(m + s n)`` (Esser et al. 2024, eq. 19).
+
+    The uniform times exclude ``t = 0``, where a ``'fourier'`` noise embedding (``log sigma(t)``) is ``-inf``.
 
     The logit-normal density ``pi(t) = 1 / (s sqrt(2 pi)) 1 / (t (1 - t)) exp(-(logit t - m)^2 / (2 s^2))`` (for
     ``T = 1``) puts more weight on intermediate times; SD3 trains with ``m = 0, s = 1``.
     """
     if time_sampling == "uniform":
-        return sde.T * jax.random.uniform(key, (n,), jnp.float32)
+        return sde.T * (1.0 - jax.random.uniform(key, (n,), jnp.float32))
     return sde.T * jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,), jnp.float32))
 
 
@@ -219,7 +221,7 @@ def flow_matching_loss(
       velocity_fn: ``velocity_fn(x, t)``, the predicted ``eps - x_0``, with ``t`` of shape ``(batch,)``.
       sde: the path (usually :class:`~jaxdiff.sde.RectifiedFlow`).
       x0: a batch of data.
-      time_sampling: ``"uniform"`` on ``[0, T]`` or ``"logit_normal"`` (:func:`flow_matching_time`).
+      time_sampling: ``"uniform"`` on ``(0, T]`` or ``"logit_normal"`` (:func:`flow_matching_time`).
       logit_mean: location ``m`` of the logit-normal.
       logit_std: scale ``s`` of the logit-normal.
       reduce_mean: average the squared error over dimensions instead of summing it.

@@ -323,6 +323,9 @@ def test_logit_normal_times():
     assert np.all((t > 0) & (t < 1))
     p = stats.kstest(np.log(t / (1 - t)), stats.norm(0.5, 0.8).cdf).pvalue
     assert p > 0.01, p
+    u = np.asarray(L.flow_matching_time(jax.random.key(11), 20_000, SDE, "uniform"), np.float64)
+    assert np.all((u > 0) & (u <= 1))  # no t = 0, where a Fourier embedding log(sigma) is -inf
+    assert stats.kstest(u, "uniform").pvalue > 0.01
 
 
 @pytest.mark.slow
