@@ -4,8 +4,11 @@ Every SDE here is linear with a Gaussian perturbation kernel (eq. 29 of the pape
 
     x_t = alpha(t) * x_0 + sigma(t) * eps,        eps ~ N(0, I),
 
-driven by ``dx = f(t) x dt + g(t) dW``. VP, sub-VP and VE differ only in ``alpha``, ``sigma``, ``f`` and
-``g``; everything downstream (samplers, likelihood, losses) is written once against this interface.
+driven by ``dx = f(t) x dt + g(t) dW``. VP, sub-VP, VE and the linear path of flow matching (:class:`RectifiedFlow`,
+``alpha = 1 - t``, ``sigma = t``) differ only in ``alpha``, ``sigma``, ``f`` and ``g``; everything downstream
+(samplers, likelihood, losses) is written once against this interface, through the probability-flow drift and the
+data prediction the SDE computes from a score function (:meth:`SDE.probability_flow_drift`,
+:meth:`SDE.data_prediction`).
 
 The SDE objects are frozen dataclasses registered as *static* pytrees: they have no array leaves, their
 hyper-parameters are hashable, and they can be passed straight into ``jax.jit``-compiled functions (a new
