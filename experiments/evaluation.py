@@ -245,6 +245,6 @@ def write_summary(workdir: str, summary: dict, name: str = "summary.json") -> No
     """Prints the summary as a table and writes it (atomically) to ``WORKDIR/name``."""
     write_json_atomic(os.path.join(workdir, name), summary)
     width = max(map(len, summary))
-    print("\n".join(["", f"{'summary':<{width}}  {workdir}", "-" * (width + 30)]))
+    print("\n".join(["", f"{os.path.splitext(name)[0]:<{width}}  {workdir}", "-" * (width + 30)]))
     for k, v in summary.items():
         print(f"{k:<{width}}  {v}")
