@@ -254,6 +254,16 @@ def test_exact_likelihood_matches_the_mixture():
     np.testing.assert_allclose(info["prior_logp"], SDE.prior_logp(info["z"]), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_exact_likelihood_of_a_velocity_network():
+    """The likelihood through a velocity network's score: the t = 1 derivative goes through the conversion."""
+    score_fn = P.make_score_fn(VelocityNet(GM), {}, SDE, parameterization="velocity")
+    x = GM.sample(jax.random.key(4), 8)
+    logp, info = log_likelihood(jax.random.key(5), score_fn, SDE, x, trace="exact", rtol=1e-5, atol=1e-5)
+    assert bool(info["success"].all())
+    np.testing.assert_allclose(logp, GM.log_prob(x), rtol=0, atol=0.01)
+
+
 def test_refusals_where_a_method_does_not_apply():
     score_fn = GM.score_fn(SDE)
     with pytest.raises(ValueError, match="time_schedule='logsnr' needs a finite log-SNR at T"):
