@@ -105,7 +105,7 @@ def _count_ops(jaxpr) -> int:
 
 def _field_ops(f, t, y, args) -> int:
     """The number of primitive operations of ``f(t, y, args)``, nested calls included (one abstract trace)."""
-    return _count_ops(jax.make_jaxpr(lambda t, y: f(t, y, args))(t, y).jaxpr)
+    return _count_ops(jax.make_jaxpr(f)(t, y, args).jaxpr)
 
 
 def _stages(f, t, t_new, y, k1, dt, args) -> PyTree:

@@ -67,13 +67,14 @@ def _jaxpr_bytes(jaxpr) -> int:
 def default_slots(f: Callable, y_one: PyTree, args_one, n: int, *, budget_bytes: int | None = None) -> int:
     """A slot count that fits a memory budget, at most ``n`` (and at most 4096).
 
-    One slot holds the solver state (about 14 copies of an example: stages, error, candidates) and the vector
+    ``y_one`` and ``args_one`` describe one example (arrays or :class:`jax.ShapeDtypeStruct`). One slot holds the
+    solver state (about 14 copies of an example: stages, error, candidates) and the vector
     field's intermediate values, counted from one abstract trace of ``f`` for one example (every intermediate, an
     upper bound of what is live at once). The budget is a quarter of the device's memory where the device reports
     it (accelerators), else 1 GiB.
     """
-    t = jnp.zeros((), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda t, y: f(t, y, args_one))(t, y_one).jaxpr
+    t = jax.ShapeDtypeStruct((), jnp.float32)
+    jaxpr = jax.make_jaxpr(f)(t, y_one, args_one).jaxpr
     per_slot = 14 * _bytes(y_one) + 2 * _jaxpr_bytes(jaxpr)
     if budget_bytes is None:
         budget_bytes = 1 << 30
@@ -133,9 +134,9 @@ def solve_refill(
     example = lambda i: (_take(y0, i), _take(per, i))
     t_dtype = jnp.result_type(float, jnp.asarray(t0).dtype, jnp.asarray(t1).dtype)
     if stage_loop is None:
-        y_one, per_one = jax.tree.map(lambda leaf: leaf[0], (y0, per))
-        stage_loop = ode._field_ops(f, jnp.asarray(t0, t_dtype), y_one, _join_args(args, per_one))
-        stage_loop = stage_loop >= ode.STAGE_LOOP_MIN_OPS
+        y_one, per_one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), (y0, per))
+        t_one = jax.ShapeDtypeStruct((), t_dtype)
+        stage_loop = ode._field_ops(f, t_one, y_one, _join_args(args, per_one)) >= ode.STAGE_LOOP_MIN_OPS
     problem = ode._Problem(f, t0, t1, rtol, atol, max_steps, stage_loop, False)
 
     # Each slot sees the shared constants whole and its own example's slice of the per-example ones.

@@ -24,7 +24,9 @@ def test_samples_follow_the_mixture(name):
     assert x.shape == (n, 2)
     assert bool(np.all(info["success"]))
     assert int(info["nonfinite"]) == 0
-    assert int(info["nfe"]) == int(np.max(info["nfe_per_example"]))
+    # 10,000 examples are more than the default slots: refilled slots, whose batched calls are the cost.
+    assert int(info["nfe"]) == int(info["batched_calls"]) >= int(np.max(info["nfe_per_example"]))
+    assert int(info["evaluations"]) >= int(np.sum(info["nfe_per_example"]))
 
     # Per-component mass: the binomial standard error is at most 0.005, so 2 points is 4 s.e.
     labels = np.asarray(MIXTURE.responsibilities(jnp.asarray(x)).argmax(-1))

@@ -144,7 +144,7 @@ def solve_batch(
         use_slots = None
         if method in ode.ADAPTIVE:
             if slots is None:
-                one_y, one_args = jax.tree.map(lambda leaf: leaf[0], y0), _first_example(args)
+                one_y, one_args = _one_example(y0), _first_example(args)
                 auto = refill.default_slots(one, one_y, one_args, local)
                 use_slots = auto if auto < local else None
             else:
@@ -208,10 +208,15 @@ def solve_batch(
     return y1, out
 
 
+def _one_example(tree):
+    """The shapes of one example of ``tree`` (leaves leading with the batch axis), for an abstract trace."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), tree)
+
+
 def _first_example(args):
-    """``args`` with each ``PerExample`` node holding its first example's slice (for an abstract trace of ``one``)."""
+    """``args`` with each ``PerExample`` node describing one example (for an abstract trace of ``one``)."""
     return jax.tree.map(
-        lambda n: PerExample(jax.tree.map(lambda leaf: leaf[0], n.value)) if is_per_example(n) else n,
+        lambda n: PerExample(_one_example(n.value)) if is_per_example(n) else n,
         args,
         is_leaf=is_per_example,
     )
