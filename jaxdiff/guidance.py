@@ -412,6 +412,8 @@ def constrained_sample(
                 f"invalid predictor/corrector {predictor!r}/{corrector!r}; "
                 f"valid: {list(PREDICTORS)} and {list(CORRECTORS)}, not both None"
             )
+        if predictor is not None:
+            C.check_reverse_sde(sde, predictor)
         C.check_steps(corrector_steps, "corrector_steps")
         return _constrained_pc(
             key, score_fn, sde, constraint, steps, predictor, corrector, corrector_steps,

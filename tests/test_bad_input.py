@@ -8,6 +8,7 @@ from jax.tree_util import Partial
 
 import jaxdiff
 import jaxdiff.data
+import jaxdiff.guidance
 from jaxdiff import PerExample
 from jaxdiff.likelihood import bits_per_dim, log_likelihood
 from jaxdiff.models import DDPMpp, NCSNpp
@@ -205,6 +206,24 @@ CASES = [
         r"batch must have an 'x' entry \(the data\), got keys \['image'\]",
     ),
     ("SDE: N = 10.0", lambda: VPSDE(N=10.0), ValueError, "N must be a positive integer, got 10.0"),
+    # The reverse-time SDE is singular at T on the rectified-flow path: its predictors would be NaN or silently wrong.
+    *[
+        (
+            f"rectified flow: {m}",
+            lambda m=m: _sample(sde=jaxdiff.RectifiedFlow(), method=m, steps=4),
+            ValueError,
+            r"steps the reverse-time SDE, which is singular at T=1.0 for RectifiedFlow \(alpha\(T\) = 0\)",
+        )
+        for m in ("pc", "euler_maruyama", "reverse_diffusion", "ancestral")
+    ],
+    (
+        "rectified flow: inpainting with a predictor",
+        lambda: jaxdiff.guidance.inpaint(
+            KEY, GOOD_SCORE, jaxdiff.RectifiedFlow(), jnp.zeros((4, 2)), jnp.ones((4, 2)), steps=4
+        ),
+        ValueError,
+        "singular at T=1.0",
+    ),
     ("SDE: negative sigma", lambda: VESDE(sigma_min=-0.01), ValueError, "sigma_min must be a finite positive"),
     (
         "SDE: beta_min > beta_max",

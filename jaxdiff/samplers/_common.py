@@ -217,6 +217,23 @@ def check_real(value, name: str, *, low=None, high=None, low_open: bool = False,
     return v
 
 
+def check_reverse_sde(sde: SDE, predictor: str) -> None:
+    """Refuses a reverse-SDE predictor where the SDE is singular at ``T`` (``alpha(T) = 0``: the rectified-flow path).
+
+    Its drift and diffusion are infinite there, so the first step would be NaN, or finite and wrong.
+    """
+    with jax.ensure_compile_time_eval():
+        _, g = sde.sde(jnp.zeros((1, 1), jnp.float32), jnp.full((1,), sde.T, jnp.float32))
+        alpha_t = float(sde.alpha(jnp.float32(sde.T)))
+        singular = not (bool(jnp.all(jnp.isfinite(g))) and alpha_t > 0)
+    if singular:
+        raise ValueError(
+            f"predictor {predictor!r} steps the reverse-time SDE, which is singular at T={sde.T} for "
+            f"{type(sde).__name__} (alpha(T) = {alpha_t:g}); use 'flow_euler', 'ode', 'ddim', 'dpm_solver++' "
+            "(time_schedule='uniform') or 'heun' (sigma_max=...), or predictor=None"
+        )
+
+
 def check_eps(eps, sde: SDE) -> float:
     if not (is_real(eps) and math.isfinite(float(eps)) and 0 <= float(eps) < sde.T):
         raise ValueError(f"eps must satisfy 0 <= eps < T={sde.T}, got {eps!r}")

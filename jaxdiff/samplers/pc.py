@@ -267,6 +267,8 @@ def pc_sample(
         raise ValueError(f"unknown corrector {corrector!r}; valid: {_names(CORRECTORS)}")
     if predictor is None and corrector is None:
         raise ValueError("predictor and corrector cannot both be None")
+    if predictor is not None:
+        C.check_reverse_sde(sde, predictor)
     C.check_steps(corrector_steps, "corrector_steps")
     if not snr > 0:
         raise ValueError(f"snr must be positive, got {snr!r}")
