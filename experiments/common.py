@@ -3,7 +3,7 @@
 A config (``experiments/configs/*.py``) has the sections ``data``, ``sde``, ``model``, ``training``, ``optim``,
 ``sampling`` and ``eval``. The builders here turn it into the library's objects::
 
-    sde = build_sde(config)                          # VPSDE / SubVPSDE / VESDE
+    sde = build_sde(config)                          # VPSDE / SubVPSDE / VESDE / RectifiedFlow
     model = build_model(config)                      # get_model(config.model.name, **architecture)
     data = build_dataset(config, "train")            # resumable BatchIterator
     loss_fn = build_loss_fn(config, sde, model)      # loss_fn(params, key, batch)
@@ -37,7 +37,12 @@ from jaxdiff.parameterization import make_score_fn
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SDES = {"vpsde": jaxdiff.VPSDE, "subvpsde": jaxdiff.SubVPSDE, "vesde": jaxdiff.VESDE}
+SDES = {
+    "vpsde": jaxdiff.VPSDE,
+    "subvpsde": jaxdiff.SubVPSDE,
+    "vesde": jaxdiff.VESDE,
+    "rectified_flow": jaxdiff.RectifiedFlow,
+}
 # config.model keys that are not attributes of the network.
 NOT_ARCHITECTURE = ("name", "parameterization", "scale_by_sigma", "ema_rate")
 SECTIONS = ("data", "sde", "model", "training", "optim", "sampling", "eval")
@@ -88,6 +93,8 @@ def build_sde(config: ConfigDict) -> jaxdiff.SDE:
     s = config.sde
     if s.name == "vesde":
         return jaxdiff.VESDE(sigma_min=s.sigma_min, sigma_max=s.sigma_max, N=s.num_scales)
+    if s.name == "rectified_flow":  # alpha = 1 - t, sigma = t: no schedule parameters
+        return jaxdiff.RectifiedFlow(N=s.num_scales)
     return SDES[s.name](beta_min=s.beta_min, beta_max=s.beta_max, N=s.num_scales)
 
 
@@ -122,12 +129,20 @@ def _parameterization(config: ConfigDict) -> dict:
 
 
 def build_loss_fn(config: ConfigDict, sde, model, *, train: bool = True):
-    """``loss_fn(params, key, batch)`` of ``config.training`` (continuous DSM, or DDPM / SMLD)."""
+    """``loss_fn(params, key, batch)`` of ``config.training`` (continuous DSM, DDPM / SMLD, or flow matching).
+
+    ``training.objective`` (``"dsm"`` or ``"flow_matching"``), ``time_sampling``, ``logit_mean`` and
+    ``logit_std`` are optional: a config without them (every config written before flow matching) trains DSM,
+    and its saved ``config.json`` still matches it on resume.
+    """
     t = config.training
+    objective = dict(objective=t.get("objective", "dsm"), time_sampling=t.get("time_sampling", "uniform"),
+                     logit_mean=t.get("logit_mean", 0.0), logit_std=t.get("logit_std", 1.0))  # fmt: skip
     try:
         return make_loss_fn(sde, model, continuous=t.continuous, likelihood_weighting=t.likelihood_weighting,
                             importance_sampling=t.importance_sampling, reduce_mean=t.reduce_mean,
-                            label_dropout=t.label_dropout, train=train, **_parameterization(config))  # fmt: skip
+                            label_dropout=t.label_dropout, train=train, **objective,
+                            **_parameterization(config))  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"config.training: {str(e).splitlines()[0]}") from None
 
