@@ -111,13 +111,7 @@ def solve_batch(
     """
     first = jax.tree.leaves(y0)[0]
     batch = first.shape[0]
-    for node in jax.tree.leaves(args, is_leaf=is_per_example):
-        if is_per_example(node):
-            for leaf in jax.tree.leaves(node.value):
-                if jnp.shape(leaf)[:1] != (batch,):
-                    raise ValueError(
-                        f"a PerExample array of shape {jnp.shape(leaf)} must lead with the batch axis ({batch})"
-                    )
+    C.check_per_example_leaves(args, batch, "args")
     y0 = match_batch_sharding(y0, first)
     args = jax.tree.map(
         lambda n: PerExample(match_batch_sharding(n.value, first)) if is_per_example(n) else n,
