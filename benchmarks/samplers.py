@@ -1,6 +1,6 @@
 """Error to the true mixture versus score evaluations (NFE), for every sampler and SDE.
 
-Run:  python benchmarks/samplers.py [--quick] [--n 10000]
+Run:  python benchmarks/samplers.py [--quick] [--n 10000]   # --quick: VP and rectified flow, fewer budgets
       python benchmarks/samplers.py --target [--n 100000]   # DPM-Solver++(2M) at 20 NFE against EM at 500 NFE
       python benchmarks/samplers.py --dpm3m [--n 10000]     # DPM-Solver++(3M), both variants, error to the ODE
 
@@ -9,6 +9,12 @@ distance*: the mean, over 16 fixed random unit directions u, of sup_z |F_n(z) - 
 empirical CDF of the projected samples u.x and F the exact CDF of the projected mixture, a 1-D mixture of
 N(u.m_k, u^T C_k u). Comparing against the exact CDF (not against another sample) keeps the noise floor small
 and known: for n exact samples E[KS] ~ 0.87 / sqrt(n) per direction; the "exact" rows measure it.
+
+The rectified-flow rows ("rf", ``x_t = (1 - t) x_0 + t eps``) use the same mixture's exact score under that path
+(``gm.score_fn(RectifiedFlow())``), so they sit next to the VP rows with the same data and statistic. They run the
+samplers that apply from T = 1 on that path, at NFE 5, 10, 20 and 50: ``flow_euler`` (the rectified-flow
+sampler), DDIM, DPM-Solver++(2M) on a grid uniform in t (the log-SNR grid starts at -inf), EDM Heun from
+``sigma_max = 80`` and the adaptive ODE; the reverse-SDE samplers are refused on this path.
 """
 
 from __future__ import annotations
@@ -30,11 +36,20 @@ MIXTURES = {
     # 9 sharp, well-separated components: the score is steep near each mode and flat between them.
     "hard": lambda: GaussianMixture.grid(n_per_side=3, spacing=5.0, std=0.1),
 }
-SDES = {"vp": jaxdiff.VPSDE(), "subvp": jaxdiff.SubVPSDE(), "ve": jaxdiff.VESDE()}
+SDES = {"vp": jaxdiff.VPSDE(), "rf": jaxdiff.RectifiedFlow(), "subvp": jaxdiff.SubVPSDE(), "ve": jaxdiff.VESDE()}
+# Rectified flow: the samplers that apply from T = 1 (the reverse SDE is singular there), and their budgets.
+RF_METHODS = ("flow_euler", "ddim", "dpm_solver++", "heun", "ode")
+RF_BUDGETS = (5, 10, 20, 50)
 
 
-def budgets_to_options(method: str, nfe: int):
-    """Options giving about ``nfe`` score evaluations."""
+def budgets_to_options(method: str, nfe: int, sde_name: str = "vp"):
+    """Options giving about ``nfe`` score evaluations (on rectified flow, the grids that start at T = 1)."""
+    if method == "flow_euler":
+        return dict(steps=nfe)
+    if sde_name == "rf" and method == "dpm_solver++":
+        return dict(steps=nfe, order=2, time_schedule="uniform")
+    if sde_name == "rf" and method == "heun":
+        return dict(steps=max((nfe + 1) // 2, 1), sigma_max=80.0)
     if method in ("euler_maruyama", "reverse_diffusion", "ancestral"):
         return dict(steps=max(nfe - 1, 1))
     if method == "pc":
@@ -53,7 +68,7 @@ def budgets_to_options(method: str, nfe: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="samples per run")
-    parser.add_argument("--quick", action="store_true", help="VP only, fewer budgets")
+    parser.add_argument("--quick", action="store_true", help="VP and rectified flow only, fewer budgets")
     parser.add_argument("--mixtures", default="easy,hard")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
     parser.add_argument(
@@ -75,7 +90,7 @@ def main():
         return dpm3m_table(args)
 
     budgets = [10, 20, 50, 100] if args.quick else [5, 10, 20, 50, 100, 200, 500]
-    sdes = {"vp": SDES["vp"]} if args.quick else SDES
+    sdes = {k: SDES[k] for k in ("vp", "rf")} if args.quick else SDES
     methods = [
         "euler_maruyama",
         "reverse_diffusion",
@@ -85,6 +100,7 @@ def main():
         "ddim",
         "dpm_solver++",
         "heun",
+        "flow_euler",
         "ode",
     ]
     if args.methods:
@@ -111,10 +127,14 @@ def main():
         for sde_name, sde in sdes.items():
             score_fn = gm.score_fn(sde)
             for method in methods:
+                if sde_name == "rf" and method not in RF_METHODS:
+                    continue
                 runs = (
                     [dict(rtol=r, atol=r) for r in (1e-2, 1e-3, 1e-4, 1e-5)]
                     if method == "ode"
-                    else [budgets_to_options(method, b) for b in budgets]
+                    else [
+                        budgets_to_options(method, b, sde_name) for b in (RF_BUDGETS if sde_name == "rf" else budgets)
+                    ]
                 )
                 if method == "annealed_langevin":
                     runs = [budgets_to_options(method, b) for b in (100, 500, 2000)]
