@@ -63,6 +63,22 @@ def sampler_steps(config: ConfigDict, method: str | None, steps: int | None, opt
     return method, steps
 
 
+def check_sampler(config: ConfigDict, sde) -> None:
+    """Refuses, before any training, a sampler the config's SDE cannot run (a reverse-SDE predictor on the
+    rectified-flow path, a grid that starts at log-SNR -inf, ...): the sampler's own checks run on an abstract
+    trace with a stand-in score, nothing is compiled."""
+    s = config.sampling
+    opts = dict(s.options)
+    method, steps = sampler_steps(config, None, None, opts)
+    if steps is not None:
+        opts["steps"] = steps
+    run = lambda key: jaxdiff.sample(key, lambda x, t: -x, sde, (1, 2), method=method, **opts)  # noqa: E731
+    try:
+        jax.eval_shape(run, jax.random.key(0))
+    except ValueError as e:
+        raise common.ConfigError(f"config.sampling: {str(e).splitlines()[0]}") from None
+
+
 def _adaptive(method: str, options: dict) -> bool:
     """Whether ``method`` with ``options`` is an adaptive ODE solve (which refuses a step count)."""
     if method != "ode":

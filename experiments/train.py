@@ -164,6 +164,7 @@ def resume(ckpt: Checkpointer, state, data, workdir: str, restart: bool):
 def main(argv):
     common.parse_flags(argv)
     config = common.validate(FLAGS.config)
+    evaluation.check_sampler(config, common.build_sde(config))  # the end-of-run sampler, checked before training
     workdir = wd.prepare_dir(FLAGS.workdir)
     with wd.Lock(workdir) as lock:
         if lock.note:

@@ -168,6 +168,17 @@ def test_rectified_flow_trains_by_flow_matching_then_samples(tmp_path, common, c
     assert jnp.all(jnp.isfinite(drawn["samples"]))
 
 
+def test_a_sampler_the_sde_cannot_run_is_refused_before_training(tmp_path):
+    """A reverse-SDE predictor on the rectified-flow path would fail only at the end of the run: refused up front,
+    with one line, and the workdir is not created."""
+    workdir = tmp_path / "run"
+    proc = run("train.py", f"--config={os.path.join(CONFIGS, 'toy_rf_mlp.py')}", f"--workdir={workdir}",
+               "--config.sampling.method=pc", *TINY)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config.sampling: predictor 'reverse_diffusion'")
+    assert not workdir.exists()
+
+
 def test_loss_objective_keys_are_optional(common):
     """Configs without ``training.objective`` and its companions (all the score-SDE ones) train DSM, unchanged."""
     config = load_config("toy_vp_mlp.py")
