@@ -77,17 +77,29 @@ def uninterrupted(tmp_path_factory):
     return _final(workdir)
 
 
+def _rows(path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    # Each run is killed at a random moment after it has logged two more rows (so it has compiled and trained, and
+    # may be between steps, writing a checkpoint or a log row): by progress, not by the clock, so that a fast
+    # machine cannot finish the run before the kill.
     rng = random.Random(0)
+    metrics = tmp_path / "metrics.jsonl"
     kills = 0
     for _ in range(3):
+        before = _rows(metrics)
         proc = _start(tmp_path)
-        time.sleep(rng.uniform(4.0, 9.0))
+        deadline = time.time() + 120
+        while proc.poll() is None and _rows(metrics) < before + 2 and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.communicate(timeout=60)
-    assert kills >= 2, "the run finished before it could be killed: make it longer"
+    assert kills == 3, "a run finished before it could be killed: make it longer"
     code, _, err = _run(tmp_path)  # resumes from the newest complete checkpoint
     assert code == 0, err[-2000:]
     _assert_bitwise_equal(_final(tmp_path), uninterrupted)
