@@ -128,6 +128,8 @@ def _check(sde, trace, noise, num_probes, eps, rtol, atol, max_steps, per_exampl
     rtol = check_tolerance(rtol, "rtol")
     atol = check_tolerance(atol, "atol")
     slots = None if slots is None else C.check_steps(slots, "slots")
+    if slots is not None and not per_example_steps:
+        raise ValueError(f"slots={slots} applies to per-example steps; got per_example_steps={per_example_steps!r}")
     return eps, num_probes, (rtol, atol, max_steps, bool(per_example_steps), slots)
 
 

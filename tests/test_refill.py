@@ -117,6 +117,11 @@ def test_refill_sharded_over_eight_devices(plain):
 def test_slots_is_checked():
     with pytest.raises(ValueError, match="slots must be a positive integer of at most 16777216, got 0"):
         log_likelihood(KEY, GM.score_fn(SDE), SDE, X, slots=0)
+    # Slots schedule per-example adaptive solves: with shared steps or a fixed-step method they would be ignored.
+    with pytest.raises(ValueError, match="slots=4 applies to per-example steps; got per_example_steps=False"):
+        log_likelihood(KEY, GM.score_fn(SDE), SDE, X, slots=4, per_example_steps=False)
+    with pytest.raises(ValueError, match="slots=4 applies to adaptive per-example solves; got method='rk4'"):
+        ode_sampler.ode_sample(KEY, GM.score_fn(SDE), SDE, (N, 2), method="rk4", steps=4, slots=4)
 
 
 def test_default_slots_follow_the_memory_budget():

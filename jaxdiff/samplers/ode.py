@@ -254,6 +254,11 @@ def _check_options(sde, eps, method, steps, rtol, atol, max_steps, per_example_s
     atol = ode.check_tolerance(atol, "atol")
     max_steps = C.check_steps(max_steps, "max_steps")
     slots = None if slots is None else C.check_steps(slots, "slots")
+    if slots is not None and not (per_example_steps and method in ode.ADAPTIVE):
+        raise ValueError(
+            f"slots={slots} applies to adaptive per-example solves; got method={method!r}, "
+            f"per_example_steps={per_example_steps!r}"
+        )
     return eps, (method, steps, rtol, atol, max_steps, bool(per_example_steps), slots)
 
 
