@@ -90,9 +90,7 @@ def _reduce(sq: Array, reduce_mean: bool) -> Array:
 # Importance sampling of t for likelihood weighting
 # ----------------------------------------------------------------------------------------------------------
 def _check_finite_log_snr_at_T(sde: SDE) -> None:
-    with jax.ensure_compile_time_eval():
-        log_snr_T = float(sde.log_snr(jnp.float32(sde.T)))
-    if not math.isfinite(log_snr_T):
+    if not math.isfinite(sde.log_snr_at_T()):
         raise ValueError(
             f"importance_sampling draws t uniformly in the log-SNR, which is -inf at T={sde.T} for "
             f"{type(sde).__name__} (alpha(T) = 0): the density has no normaliser; use importance_sampling=False"

@@ -83,6 +83,12 @@ class SDE(abc.ABC):
     def log_snr(self, t: Array) -> Array:
         """Log signal-to-noise ratio ``lambda(t) = log(alpha(t)^2 / sigma(t)^2)``, decreasing in ``t``."""
 
+    def log_snr_at_T(self) -> float:
+        """``log_snr(T)`` as a Python float, evaluated now even under an outer trace; ``-inf`` where
+        ``alpha(T) = 0`` (the rectified-flow path), where methods that start from a finite log-SNR do not apply."""
+        with jax.ensure_compile_time_eval():
+            return float(self.log_snr(jnp.float32(self.T)))
+
     @abc.abstractmethod
     def t_from_log_snr(self, log_snr: Array) -> Array:
         """Inverse of :meth:`log_snr`."""

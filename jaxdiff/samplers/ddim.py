@@ -129,9 +129,7 @@ def ddim_sample(
     if eps == 0 and time_schedule == "logsnr":
         raise ValueError("time_schedule='logsnr' needs eps > 0: the log-SNR is infinite at t = 0")
     if time_schedule == "logsnr":
-        with jax.ensure_compile_time_eval():
-            log_snr_T = float(sde.log_snr(jnp.float32(sde.T)))
-        if not math.isfinite(log_snr_T):
+        if not math.isfinite(sde.log_snr_at_T()):
             raise ValueError(
                 f"DDIM time_schedule='logsnr' needs a finite log-SNR at T; {type(sde).__name__}'s is -inf at "
                 f"T={sde.T} (alpha(T) = 0): use time_schedule='uniform' or 'quadratic'"

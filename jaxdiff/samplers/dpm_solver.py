@@ -215,9 +215,7 @@ def dpm_solver_pp_sample(
     eps = C.check_eps(eps, sde)
     if eps == 0:
         raise ValueError("DPM-Solver++ needs eps > 0: its time variable, the log-SNR, is infinite at t = 0")
-    with jax.ensure_compile_time_eval():
-        log_snr_T = float(sde.log_snr(jnp.float32(sde.T)))
-    if time_schedule == "logsnr" and not np.isfinite(log_snr_T):
+    if time_schedule == "logsnr" and not np.isfinite(sde.log_snr_at_T()):
         raise ValueError(
             f"DPM-Solver++ time_schedule='logsnr' needs a finite log-SNR at T; {type(sde).__name__}'s is -inf at "
             f"T={sde.T} (alpha(T) = 0): use time_schedule='uniform' or 'quadratic'"
