@@ -1,6 +1,8 @@
-"""Shared test helpers: checks of samples against an exact Gaussian mixture."""
+"""Shared test helpers: checks of samples against an exact Gaussian mixture; a damaged checkpoint."""
 
 from __future__ import annotations
+
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +47,13 @@ def assert_matches_mixture(mixture: GaussianMixture, x, *, mass_atol=0.02, n_se=
     sample_cov = np.cov(x.T)
     diff = np.abs(sample_cov - cov)
     assert np.all(diff <= n_se * se_cov), f"covariance {sample_cov} vs exact {cov} (se {se_cov})"
+
+
+def corrupt_checkpoint(step_dir) -> None:
+    """Truncates every data file of a checkpoint's state (what a torn write or a bad disk leaves)."""
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.getsize(path) > 0:
+                with open(path, "r+b") as fh:
+                    fh.truncate(os.path.getsize(path) // 3)

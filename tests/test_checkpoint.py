@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdiff import data
 from jaxdiff.checkpoint import Checkpointer, CheckpointMismatchError
+from tests.helpers import corrupt_checkpoint
 
 
 @flax.struct.dataclass
@@ -133,23 +134,13 @@ def test_shape_mismatch_names_the_parameters(tmp_path):
         ckpt.restore(extra)
 
 
-def _corrupt(step_dir):
-    """Truncates every data file of a checkpoint's state."""
-    for root, _, files in os.walk(os.path.join(step_dir, "state")):
-        for f in files:
-            path = os.path.join(root, f)
-            if os.path.getsize(path) > 0:
-                with open(path, "r+b") as fh:
-                    fh.truncate(os.path.getsize(path) // 3)
-
-
 def test_corrupt_newest_falls_back_to_previous(tmp_path, caplog):
     ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
     good, bad = make_state(seed=1), make_state(seed=2)
     ckpt.save(1, good)
     ckpt.save(2, bad)
     ckpt.close()
-    _corrupt(tmp_path / "2")
+    corrupt_checkpoint(tmp_path / "2")
     ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
     with caplog.at_level(logging.WARNING, logger="jaxdiff.checkpoint"):
         restored = ckpt.restore_latest(make_state(seed=5))
@@ -212,7 +203,7 @@ def test_restore_newest_takes_state_and_metadata_from_the_same_checkpoint(tmp_pa
     ckpt.save(1, make_state(seed=1), metadata={"data": {"step": 1}})
     ckpt.save(2, make_state(seed=2), metadata={"data": {"step": 2}})
     ckpt.close()
-    _corrupt(tmp_path / "2")  # its metadata still reads: only the state is damaged
+    corrupt_checkpoint(tmp_path / "2")  # its metadata still reads: only the state is damaged
     ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
     found = ckpt.restore_newest(make_state(seed=5))
     assert found.step == 1 and found.metadata == {"data": {"step": 1}}
@@ -229,7 +220,7 @@ def test_save_over_an_unreadable_step_moves_it_aside_and_writes_anew(tmp_path):
     ckpt.save(1, make_state(seed=1))
     ckpt.save(2, make_state(seed=2))
     ckpt.close()
-    _corrupt(tmp_path / "2")
+    corrupt_checkpoint(tmp_path / "2")
     ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
     assert ckpt.save(2, make_state(seed=3), metadata={"data": {"step": 2}})
     assert sorted(os.listdir(tmp_path)) == ["1", "2", "corrupt-2"]

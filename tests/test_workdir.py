@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.checkpoint import Checkpointer
+from tests.helpers import corrupt_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -96,16 +97,6 @@ def leaves(workdir, step):
     return out
 
 
-def corrupt(step_dir):
-    """Truncates every data file of a checkpoint's state (what a torn write or a bad disk leaves)."""
-    for root, _, files in os.walk(os.path.join(step_dir, "state")):
-        for f in files:
-            path = os.path.join(root, f)
-            if os.path.getsize(path) > 0:
-                with open(path, "r+b") as fh:
-                    fh.truncate(os.path.getsize(path) // 3)
-
-
 def snapshot(workdir):
     """Every file of a work directory with its bytes."""
     files = {}
@@ -155,7 +146,7 @@ def mounted(path, options):
 
 # -- 1, 4, 12: newest checkpoint corrupt, the same command rerun ---------------------------------------------------
 def test_corrupt_newest_is_moved_aside_and_the_rerun_equals_the_uninterrupted_run(trained, copy):
-    corrupt(copy / "checkpoints" / "4")
+    corrupt_checkpoint(copy / "checkpoints" / "4")
     code, out, err = run("train.py", f"--workdir={copy}", *ARGS)
     assert code == 0, err[-3000:]
     # Reported, moved aside (never deleted), and the final step saved again (1).
@@ -248,8 +239,8 @@ def test_metrics_survive_deletion_and_rotation_and_evaluate_repeats_the_summary(
 
 # -- 5: every checkpoint unreadable -----------------------------------------------------------------------------
 def test_all_checkpoints_unreadable_is_refused_unless_restart(copy):
-    corrupt(copy / "checkpoints" / "2")
-    corrupt(copy / "checkpoints" / "4")
+    corrupt_checkpoint(copy / "checkpoints" / "2")
+    corrupt_checkpoint(copy / "checkpoints" / "4")
     before = snapshot(copy)
     code, out, err = run("train.py", f"--workdir={copy}", *ARGS)
     assert_one_line(code, err, "every checkpoint", "2 (", "4 (", "--restart")
@@ -332,7 +323,7 @@ def test_sample_ode_in_batches(copy):
 
 
 def test_sample_falls_back_from_a_corrupt_checkpoint_and_a_torn_config(copy):
-    corrupt(copy / "checkpoints" / "4")
+    corrupt_checkpoint(copy / "checkpoints" / "4")
     config = (copy / "config.json").read_text()
     (copy / "config.json").write_text(config[: len(config) // 2])
     code, out, err = run("sample.py", f"--workdir={copy}", "--n=4", "--out", copy / "s")
