@@ -151,15 +151,11 @@ def solve_batch(
                 solve_one = lambda y, a: ode.solve(one, y, t0, t1, method=method, steps=steps, args=a, **solver_kwargs)
                 y1, info = jax.vmap(solve_one, in_axes=(0, split(0, None)))(y, a)
                 calls = jnp.max(info["nfe"])
-                work = calls * info["nfe"].shape[0]  # every example is evaluated until the slowest is done
-                info = {
-                    **info,
-                    "batched_calls": calls,
-                    "evaluations": work,
-                    "slot_utilisation": jnp.sum(info["nfe"]) / work.astype(jnp.float32),
-                }
+                # Every example is evaluated until the slowest is done.
+                info = {**info, "batched_calls": calls, "evaluations": calls * info["nfe"].shape[0]}
             # Per-device counts travel as arrays of one element, so that a sharded solve can concatenate them.
-            for name in ("batched_calls", "evaluations", "slot_utilisation"):
+            info = {k: v for k, v in info.items() if k != "slot_utilisation"}
+            for name in ("batched_calls", "evaluations"):
                 info[name] = jnp.reshape(info[name], (1,))
             return y1, info
 
@@ -177,7 +173,6 @@ def solve_batch(
         batched_calls = jnp.max(info.pop("batched_calls"))
         evaluations = jnp.sum(info.pop("evaluations"))
         utilisation = jnp.sum(info["nfe"]) / evaluations.astype(jnp.float32)
-        info.pop("slot_utilisation")
     else:
         # One step size for the batch; an example that goes non-finite is dropped from the error control.
         batched = lambda t, y, a: vector_field(jnp.full((batch,), t), y, a)
@@ -188,7 +183,7 @@ def solve_batch(
     # A solve that did not finish (step limit, step size underflow, a non-finite field) has no result: its
     # example comes back as NaN, which the callers count in info["nonfinite"]; the other examples are untouched.
     success = info["success"]
-    y1 = jax.tree.map(lambda leaf: jnp.where(_expand_to(success, leaf), leaf, jnp.nan), y1)
+    y1 = ode._select(success, y1, jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), y1))
     out = {
         "nfe": batched_calls,
         "nfe_per_example": info["nfe"],
@@ -214,10 +209,6 @@ def _first_example(args):
         args,
         is_leaf=is_per_example,
     )
-
-
-def _expand_to(mask: Array, leaf: Array) -> Array:
-    return jnp.reshape(mask, mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
 def _flow(score_fn, sde, x, t0, t1, options):
