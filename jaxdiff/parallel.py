@@ -65,9 +65,13 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The sharding of a batch split along its leading axis: ``NamedSharding(mesh, P('data'))``."""
-    return NamedSharding(mesh, P(_axis(mesh)))
+def batch_sharding(mesh: Mesh, *, batch_axis: int = 0) -> NamedSharding:
+    """The sharding of a batch split along its leading axis: ``NamedSharding(mesh, P('data'))``.
+
+    ``batch_axis=1`` splits the second axis instead (``P(None, 'data')``): batches stacked for several train
+    steps per call.
+    """
+    return NamedSharding(mesh, P(*([None] * batch_axis), _axis(mesh)))
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
@@ -93,8 +97,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
     return global_batch_size // n_proc
 
 
-def shard_batch(mesh: Mesh, local_batch: PyTree) -> PyTree:
-    """Places a host-local numpy batch on the global mesh, split along the leading axis.
+def shard_batch(mesh: Mesh, local_batch: PyTree, *, batch_axis: int = 0) -> PyTree:
+    """Places a host-local numpy batch on the global mesh, split along the batch axis.
 
     Each process passes its own slice of the global batch (``global / process_count`` examples);
     ``jax.make_array_from_process_local_data`` stitches the slices into one global array, so the
@@ -102,23 +106,27 @@ def shard_batch(mesh: Mesh, local_batch: PyTree) -> PyTree:
 
     Args:
       mesh: the data-parallel mesh from :func:`make_mesh`.
-      local_batch: a pytree of arrays with a common leading (batch) dimension.
+      local_batch: a pytree of arrays with a common batch dimension.
+      batch_axis: which axis is the batch: 0, or 1 for batches stacked along a new leading axis (several train
+        steps per call).
 
     Returns:
-      The same pytree of global ``jax.Array`` sharded as ``P('data')``.
+      The same pytree of global ``jax.Array`` sharded as ``P('data')`` (``P(None, 'data')``).
 
     Raises:
       ValueError: if the global batch does not divide by the number of devices.
     """
-    sharding = batch_sharding(mesh)
+    if batch_axis not in (0, 1):
+        raise ValueError(f"batch_axis must be 0 or 1, got {batch_axis!r}")
+    sharding = batch_sharding(mesh, batch_axis=batch_axis)
     n_proc = jax.process_count()
 
     def put(x):
         x = np.asarray(x)
-        if x.ndim == 0:
-            raise ValueError("batch leaves need a leading batch dimension, got a scalar")
-        check_batch_size(x.shape[0] * n_proc, mesh)
-        global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
+        if x.ndim <= batch_axis:
+            raise ValueError(f"batch leaves need a batch dimension at axis {batch_axis}, got shape {x.shape}")
+        check_batch_size(x.shape[batch_axis] * n_proc, mesh)
+        global_shape = x.shape[:batch_axis] + (x.shape[batch_axis] * n_proc,) + x.shape[batch_axis + 1 :]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(put, local_batch)

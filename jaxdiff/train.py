@@ -26,14 +26,22 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff.parallel import batch_sharding, replicated_sharding
 
-__all__ = ["TrainState", "create_train_state", "make_optimizer", "make_train_step", "make_eval_step"]
+__all__ = [
+    "TrainState",
+    "create_train_state",
+    "abstract_train_state",
+    "make_optimizer",
+    "make_train_step",
+    "make_eval_step",
+]
 
 PyTree = Any
 Array = jax.Array
@@ -142,27 +150,13 @@ def _init_inputs(model: nn.Module, sample_input: Array):
     return args
 
 
-def create_train_state(
-    key: Array,
-    model: nn.Module,
-    sample_input: Array | jax.ShapeDtypeStruct,
-    tx: optax.GradientTransformation,
-    *,
-    mesh: Mesh | None = None,
-) -> TrainState:
-    """Initialises the network and the optimiser, already placed: replicated over ``mesh`` if given.
+# The initialiser runs once, and XLA:CPU spends most of its compile time optimising the LLVM code of its
+# hundreds of small random-number fusions: at backend optimisation level 0 the compile takes about a quarter of
+# the time and gives bitwise the same parameters (integer threefry, then the same float transforms).
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
-    Args:
-      key: PRNG key; split into the initialisation key and the run's key.
-      model: the Flax network (called as ``model(x, noise_cond[, y])``).
-      sample_input: an array or ``ShapeDtypeStruct`` with the data's shape (only the shape is used).
-      tx: the optimiser.
-      mesh: a data-parallel mesh; the state is created replicated on it (``jax.jit(..., out_shardings=)``).
 
-    Returns:
-      A :class:`TrainState` at step 0 with ``ema_params == params``.
-    """
-
+def _init_fn(model: nn.Module, sample_input: Array | jax.ShapeDtypeStruct, tx: optax.GradientTransformation):
     def init(key):
         k_init, k_dropout, k_run = jax.random.split(key, 3)
         variables = model.init({"params": k_init, "dropout": k_dropout}, *_init_inputs(model, sample_input))
@@ -176,8 +170,62 @@ def create_train_state(
             skipped=jnp.zeros((), jnp.int32),
         )
 
+    return init
+
+
+def _run_key(key: Array) -> Array:
+    return jax.random.split(key, 3)[2]  # as in ``_init_fn``
+
+
+def create_train_state(
+    key: Array,
+    model: nn.Module,
+    sample_input: Array | jax.ShapeDtypeStruct,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """Initialises the network and the optimiser, already placed: replicated over ``mesh`` if given.
+
+    The initialiser is one jitted program whose outputs are created in place with their final shardings; on
+    the CPU it is compiled at XLA's lowest backend optimisation level (it runs once; the values are the same).
+    A run that will restore a checkpoint needs no initial values at all: see :func:`abstract_train_state`.
+
+    Args:
+      key: PRNG key; split into the initialisation key and the run's key.
+      model: the Flax network (called as ``model(x, noise_cond[, y])``).
+      sample_input: an array or ``ShapeDtypeStruct`` with the data's shape (only the shape is used).
+      tx: the optimiser.
+      mesh: a data-parallel mesh; the state is created replicated on it (``jax.jit(..., out_shardings=)``).
+
+    Returns:
+      A :class:`TrainState` at step 0 with ``ema_params == params``.
+    """
     out_shardings = replicated_sharding(mesh) if mesh is not None else None
-    return jax.jit(init, out_shardings=out_shardings)(key)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    options = _INIT_COMPILER_OPTIONS.get(platform)
+    return jax.jit(_init_fn(model, sample_input, tx), out_shardings=out_shardings, compiler_options=options)(key)
+
+
+def abstract_train_state(
+    key: Array,
+    model: nn.Module,
+    sample_input: Array | jax.ShapeDtypeStruct,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """The state :func:`create_train_state` would return, as shapes, dtypes and shardings only.
+
+    Costs a trace, no compilation and no memory: the target to restore a checkpoint into
+    (:meth:`jaxdiff.checkpoint.Checkpointer.restore_newest`), so that a resumed run never initialises a network
+    it is about to overwrite. The run's ``key`` is concrete (restoring needs its PRNG implementation); every
+    other leaf is a ``jax.ShapeDtypeStruct`` with the sharding the created state would have.
+    """
+    sharding = replicated_sharding(mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(_init_fn(model, sample_input, tx), key)
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    return state.replace(key=jax.device_put(_run_key(key), sharding))
 
 
 def _global_norm(tree: PyTree) -> Array:
@@ -200,6 +248,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     donate: bool = True,
     jit: bool = True,
+    steps_per_call: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds the pure train step ``(state, batch) -> (state, metrics)``, jitted once.
 
@@ -210,10 +259,16 @@ def make_train_step(
       mesh: run data-parallel: state replicated, batch sharded along the mesh's data axis.
       donate: donate the input state's buffers (do not reuse a state after passing it in).
       jit: return the plain function instead (to compose it under another transformation).
+      steps_per_call: take this many optimiser steps per call, a ``lax.scan`` over batches stacked along a new
+        leading axis (``batch["x"]`` of shape ``(steps_per_call, batch_size, ...)``; over a mesh the batch axis,
+        the second, is the sharded one: :func:`jaxdiff.parallel.shard_batch` with ``batch_axis=1``). One
+        dispatch and one host round trip pay for several steps: it pays where a step is short (small networks,
+        the toy MLP). Each scanned step is the single step, with its own ``fold_in(key, step)``.
 
     Returns:
       ``train_step(state, batch)`` with metrics ``loss``, ``grad_norm`` (before clipping),
-      ``learning_rate`` (the one this step used) and ``finite`` (whether loss and gradients were finite).
+      ``learning_rate`` (the one this step used) and ``finite`` (whether loss and gradients were finite);
+      with ``steps_per_call > 1`` each metric has a leading axis of that length, one entry per step.
 
     Numerical guard: a step whose loss or gradient norm is not finite changes neither the parameters, the
     EMA nor the optimiser state; it only advances ``step`` and counts itself in ``state.skipped``, inside
@@ -222,6 +277,9 @@ def make_train_step(
     """
     if not 0.0 <= ema_rate <= 1.0:
         raise ValueError(f"ema_rate must be in [0, 1], got {ema_rate}")
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int | np.integer) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+    steps_per_call = int(steps_per_call)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
@@ -247,13 +305,28 @@ def make_train_step(
         }
         return new_state, metrics
 
+    step_fn = train_step
+    if steps_per_call > 1:
+
+        def step_fn(state: TrainState, batches: dict) -> tuple[TrainState, dict]:
+            _check_stacked(batches, steps_per_call)
+            return jax.lax.scan(train_step, state, batches)
+
     if not jit:
-        return train_step
+        return step_fn
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=donate_argnums)
-    shardings = (replicated_sharding(mesh), batch_sharding(mesh))
-    return _sharded_jit(train_step, mesh, shardings, donate_argnums=donate_argnums)
+        return jax.jit(step_fn, donate_argnums=donate_argnums)
+    shardings = (replicated_sharding(mesh), batch_sharding(mesh, batch_axis=1 if steps_per_call > 1 else 0))
+    return _sharded_jit(step_fn, mesh, shardings, donate_argnums=donate_argnums)
+
+
+def _check_stacked(batches: dict, steps: int) -> None:
+    """Stacked batches have a leading axis of ``steps`` on every leaf (a plain batch would be misread)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batches):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != steps:
+            raise ValueError(f"with steps_per_call={steps} the batch is {steps} batches stacked along a new leading "
+                             f"axis; batch{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}")  # fmt: skip
 
 
 def _eval_key(state: TrainState) -> Array:

@@ -19,7 +19,14 @@ from jaxdiff.parallel import make_mesh, shard_batch
 from jaxdiff.parameterization import make_score_fn
 from jaxdiff.samplers import sample
 from jaxdiff.sde import VESDE, VPSDE
-from jaxdiff.train import TrainState, create_train_state, make_eval_step, make_optimizer, make_train_step
+from jaxdiff.train import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
 
 SCALE = 2.0  # the mixture is divided by this, to bring it near unit scale
 GM = GaussianMixture.grid(n_per_side=2, spacing=4.0, std=0.5)  # weights 0.1, 0.2, 0.3, 0.4
@@ -261,3 +268,66 @@ def test_nonfinite_step_is_skipped_inside_the_compiled_step():
     state, m = train_step(state, _mixture_batch(2))
     assert bool(m["finite"]) and int(state.skipped) == 1
     assert np.all(np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])))
+
+
+# -- start-up and several steps per call ------------------------------------------------------------------
+def test_abstract_state_restores_what_was_saved_without_initialising(tmp_path):
+    state, train_step, _, tx = _setup()
+    for i in range(2):
+        state, _ = train_step(state, _mixture_batch(i))
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(2, state)
+    abstract = abstract_train_state(jax.random.key(0), _mlp(), jnp.zeros((1, 2)), tx)
+    created = create_train_state(jax.random.key(0), _mlp(), jnp.zeros((1, 2)), tx)
+    # The same tree as the created state: every leaf abstract except the run key, which equals the created one.
+    assert jax.tree.structure(abstract) == jax.tree.structure(created)
+    for a, c in zip(
+        jax.tree.leaves(abstract.replace(key=None)), jax.tree.leaves(created.replace(key=None)), strict=True
+    ):
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (c.shape, c.dtype)
+    np.testing.assert_array_equal(jax.random.key_data(abstract.key), jax.random.key_data(created.key))
+    restored = ckpt.restore_newest(abstract)
+    ckpt.close()
+    assert restored.step == 2 and _leaves_equal(restored.value, state)
+
+
+def test_several_steps_per_call_equal_single_steps():
+    state, train_step, loss_fn, tx = _setup(dropout=0.1)
+    multi = make_train_step(loss_fn, tx, ema_rate=0.999, steps_per_call=3)
+    batches = [_mixture_batch(i) for i in range(6)]
+    stacked = [jax.tree.map(lambda *b: jnp.stack(b), *batches[k : k + 3]) for k in (0, 3)]
+    other = jax.tree.map(jnp.copy, state)
+    losses = []
+    for b in batches:
+        state, m = train_step(state, b)
+        losses.append(float(m["loss"]))
+    multi_losses = []
+    for b in stacked:
+        other, m = multi(other, b)
+        assert m["loss"].shape == (3,) and m["finite"].shape == (3,)
+        multi_losses.extend(np.asarray(m["loss"]))
+    assert int(other.step) == 6
+    np.testing.assert_allclose(multi_losses, losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="steps_per_call=3 .* shape \\(16, 2\\)"):
+        multi(other, batches[0])
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="steps_per_call must be an integer >= 1"):
+            make_train_step(loss_fn, tx, steps_per_call=bad)
+
+
+def test_several_steps_per_call_sharded():
+    mesh = make_mesh()
+    single, step1, loss_fn, tx = _setup()
+    sharded, _, _, _ = _setup(mesh=mesh)
+    multi = make_train_step(loss_fn, tx, ema_rate=0.999, mesh=mesh, steps_per_call=2)
+    batches = [jax.tree.map(np.asarray, _mixture_batch(i)) for i in range(2)]
+    for b in batches:
+        single, _ = step1(single, b)
+    stacked = shard_batch(mesh, jax.tree.map(lambda *b: np.stack(b), *batches), batch_axis=1)
+    assert stacked["x"].sharding.spec == jax.sharding.PartitionSpec(None, "data")
+    sharded, m = multi(sharded, stacked)
+    assert m["loss"].shape == (2,)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
