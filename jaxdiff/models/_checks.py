@@ -10,7 +10,10 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-__all__ = ["check_choice", "check_noise_cond", "check_labels"]
+__all__ = ["check_choice", "check_dtype", "check_noise_cond", "check_labels", "COMPUTE_DTYPES"]
+
+# Compute dtypes of the networks' ``dtype`` option (parameters are float32 either way).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def check_choice(name: str, value: str, valid: Sequence[str]) -> str:
@@ -19,6 +22,23 @@ def check_choice(name: str, value: str, valid: Sequence[str]) -> str:
         choices = ", ".join(map(repr, valid))
         raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}")
     return value.lower()
+
+
+def check_dtype(value) -> str:
+    """The compute dtype ``value`` (a name or a NumPy/JAX dtype) as ``'float32'`` or ``'bfloat16'``, or raises."""
+    name = value
+    if not isinstance(value, str):
+        try:
+            name = jnp.dtype(value).name
+        except TypeError:
+            name = None
+    if not isinstance(name, str) or name.lower() not in COMPUTE_DTYPES:
+        choices = ", ".join(map(repr, COMPUTE_DTYPES))
+        raise ValueError(
+            f"dtype={value!r} is not a valid compute dtype; choose one of {choices} "
+            "(parameters stay float32 either way)"
+        )
+    return name.lower()
 
 
 def check_noise_cond(noise_cond, batch: int) -> None:

@@ -19,7 +19,7 @@ import optax
 from jax.tree_util import Partial
 from jaxtyping import Array, Float, Int
 
-from jaxdiff.models._checks import check_choice, check_noise_cond
+from jaxdiff.models._checks import check_choice, check_dtype, check_noise_cond
 from jaxdiff.models._embedding import EMBEDDING_TYPES, embed_noise
 from jaxdiff.parameterization import noise_cond
 from jaxdiff.sde import SDE
@@ -46,6 +46,8 @@ class NoiseConditionalClassifier(nn.Module):
       embedding_size: size of the noise-level embedding.
       embedding_type: ``'fourier'`` (fed ``log sigma``) or ``'positional'`` (fed ``999 t``).
       fourier_scale: standard deviation of the Fourier frequencies.
+      dtype: compute dtype of the convolutions and dense layers, ``'float32'`` or ``'bfloat16'``; the
+        parameters, the noise-level embedding and the logits are float32 either way.
 
     Example:
       >>> model = NoiseConditionalClassifier(num_classes=3, hidden_sizes=(16,))
@@ -61,9 +63,11 @@ class NoiseConditionalClassifier(nn.Module):
     embedding_size: int = 32
     embedding_type: str = "positional"
     fourier_scale: float = 16.0
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "embedding_type", check_choice("embedding_type", self.embedding_type, EMBEDDING_TYPES))
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, Integral) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
         super().__post_init__()
@@ -76,18 +80,20 @@ class NoiseConditionalClassifier(nn.Module):
         temb = embed_noise(
             jnp.asarray(noise_cond, jnp.float32), self.embedding_type, self.embedding_size, self.fourier_scale
         )
-        temb = nn.Dense(self.embedding_size, name="temb_dense")(temb)
+        mixed = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.float32)  # float32 parameters, computed in dtype
+        temb = nn.Dense(self.embedding_size, name="temb_dense", **mixed)(temb)
         h = x.astype(jnp.float32)
         if h.ndim == 4:
             for i, ch in enumerate(self.conv_channels):
-                h = nn.Conv(ch, (3, 3), strides=(2, 2), name=f"conv_{i}")(h)
-                h = h + nn.Dense(ch, name=f"temb_conv_{i}")(nn.silu(temb))[:, None, None, :]
+                h = nn.Conv(ch, (3, 3), strides=(2, 2), name=f"conv_{i}", **mixed)(h)
+                h = h + nn.Dense(ch, name=f"temb_conv_{i}", **mixed)(nn.silu(temb))[:, None, None, :]
                 h = nn.silu(h)
-            h = jnp.mean(h, axis=(1, 2))
+            h = jnp.mean(h, axis=(1, 2), dtype=jnp.float32)  # global pooling summed in float32
         for i, width in enumerate(self.hidden_sizes):
-            h = nn.Dense(width, name=f"dense_{i}")(h) + nn.Dense(width, name=f"temb_proj_{i}")(nn.silu(temb))
+            h = nn.Dense(width, name=f"dense_{i}", **mixed)(h)
+            h = h + nn.Dense(width, name=f"temb_proj_{i}", **mixed)(nn.silu(temb))
             h = nn.silu(h)
-        return nn.Dense(self.num_classes, name="logits")(h)
+        return nn.Dense(self.num_classes, name="logits", **mixed)(h).astype(jnp.float32)
 
 
 def _classifier_apply(model, sde, params, x, t):

@@ -13,6 +13,7 @@ resampling layers of NCSN++.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -94,6 +95,7 @@ class FIRConv(nn.Module):
         fir_kernel: the FIR filter.
         kernel_size: odd spatial size of the convolution.
         init_scale: scale of the DDPM ``fan_avg`` uniform initialiser.
+        dtype: compute dtype of the convolution and the filter (the parameters are float32).
     """
 
     features: int
@@ -102,15 +104,16 @@ class FIRConv(nn.Module):
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
     kernel_size: int = 3
     init_scale: float = 1.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.up and self.down:
             raise ValueError("FIRConv cannot both upsample and downsample")
         ks = self.kernel_size
-        w = self.param("kernel", default_init(self.init_scale), (ks, ks, x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros, (self.features,))
-        w = w.astype(x.dtype)
+        w = self.param("kernel", default_init(self.init_scale), (ks, ks, x.shape[-1], self.features), jnp.float32)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, w, b = x.astype(self.dtype), w.astype(self.dtype), b.astype(self.dtype)
         if self.up:
             k = fir_filter(self.fir_kernel) * 4
             p = (k.shape[0] - 2) - (ks - 1)

@@ -5,12 +5,18 @@ sums rescaled by ``1/sqrt(2)`` (``skip_rescale``), BigGAN-style residual blocks 
 inside the block, and progressive growing of the input and output (``Combine`` and pyramids, in
 the U-Net module). All convolutions use DDPM's ``fan_avg`` uniform initialisation; the last layer
 of every residual branch is initialised at ``init_scale`` (zero in the paper's configs).
+
+Mixed precision: every block takes a compute ``dtype``. Convolutions, dense layers, attention products and
+FIR resampling compute in it; parameters are created in float32 (``param_dtype``) and cast at use, group
+normalisation and the attention softmax compute in float32 whatever ``dtype`` is, and the activations
+between blocks (the residual stream) are held in ``dtype``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,11 +26,13 @@ from jaxdiff.models._fir import FIRConv, downsample_2d, upsample_2d
 from jaxdiff.models._init import default_init
 
 Array = jax.Array
+DType = Any
 
 __all__ = [
     "conv3x3",
     "residual_sum",
     "conv1x1",
+    "dense",
     "group_norm",
     "Upsample",
     "Downsample",
@@ -35,8 +43,14 @@ __all__ = [
 ]
 
 
-def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1, name: str | None = None) -> nn.Conv:
-    """3x3 convolution with DDPM initialisation and zero bias."""
+def conv3x3(
+    features: int,
+    init_scale: float = 1.0,
+    stride: int = 1,
+    name: str | None = None,
+    dtype: DType = jnp.float32,
+) -> nn.Conv:
+    """3x3 convolution with DDPM initialisation and zero bias, computing in ``dtype``."""
     return nn.Conv(
         features,
         (3, 3),
@@ -44,25 +58,40 @@ def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1, name: str |
         padding="SAME",
         kernel_init=default_init(init_scale),
         bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
         name=name,
     )
 
 
-def conv1x1(features: int, init_scale: float = 1.0) -> nn.Conv:
-    """1x1 convolution with DDPM initialisation and zero bias."""
-    return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)
+def conv1x1(features: int, init_scale: float = 1.0, dtype: DType = jnp.float32) -> nn.Conv:
+    """1x1 convolution with DDPM initialisation and zero bias, computing in ``dtype``."""
+    return nn.Conv(
+        features,
+        (1, 1),
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
+
+
+def dense(features: int, init_scale: float = 1.0, name: str | None = None, dtype: DType = jnp.float32) -> nn.Dense:
+    """Dense layer (a 1x1 "network-in-network" on the channel axis) with DDPM initialisation."""
+    return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """Group normalisation with ``min(channels // 4, 32)`` groups, as in the reference code.
 
     When that number does not divide ``channels`` (the reference code would fail there), the largest
-    smaller divisor is used instead.
+    smaller divisor is used instead. It computes in float32 whatever its input's dtype (statistics and
+    normalised output), so a bfloat16 network normalises in full precision.
     """
     groups = max(min(channels // 4, 32), 1)
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
 
 
 def residual_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
@@ -82,39 +111,47 @@ def _mean_down(x: Array) -> Array:
 class Upsample(nn.Module):
     """Doubles the spatial size: nearest or FIR, optionally with a (fused) 3x3 convolution.
 
-    Without a convolution the channel count is kept and ``out_ch`` must be ``None``.
+    Without a convolution the channel count is kept and ``out_ch`` must be ``None``. The output is in
+    ``dtype``.
     """
 
     out_ch: int | None = None
     with_conv: bool = False
     fir: bool = False
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         out_ch = self.out_ch or x.shape[-1]
+        x = x.astype(self.dtype)
         if self.with_conv and self.fir:
-            return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel)(x)
+            return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel, dtype=self.dtype)(x)
         h = upsample_2d(x, self.fir_kernel) if self.fir else _nearest_up(x)
-        return conv3x3(out_ch)(h) if self.with_conv else h
+        return conv3x3(out_ch, dtype=self.dtype)(h) if self.with_conv else h
 
 
 class Downsample(nn.Module):
-    """Halves the spatial size: average pooling or FIR, or a strided (fused) 3x3 convolution."""
+    """Halves the spatial size: average pooling or FIR, or a strided (fused) 3x3 convolution.
+
+    The output is in ``dtype``.
+    """
 
     out_ch: int | None = None
     with_conv: bool = False
     fir: bool = False
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         out_ch = self.out_ch or x.shape[-1]
+        x = x.astype(self.dtype)
         if self.with_conv:
             if self.fir:
-                return FIRConv(out_ch, down=True, fir_kernel=self.fir_kernel)(x)
+                return FIRConv(out_ch, down=True, fir_kernel=self.fir_kernel, dtype=self.dtype)(x)
             # DDPM pads (0, 1) before its stride-2 convolution, which is what SAME does here.
-            return conv3x3(out_ch, stride=2)(x)
+            return conv3x3(out_ch, stride=2, dtype=self.dtype)(x)
         return downsample_2d(x, self.fir_kernel) if self.fir else _mean_down(x)
 
 
@@ -126,10 +163,11 @@ class Combine(nn.Module):
     """
 
     method: str = "cat"
+    dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, pyramid: Array, h: Array) -> Array:
-        p = conv1x1(h.shape[-1])(pyramid)
+        p = conv1x1(h.shape[-1], dtype=self.dtype)(pyramid)
         return jnp.concatenate([p, h], axis=-1) if self.method == "cat" else p + h
 
 
@@ -139,33 +177,37 @@ class AttnBlock(nn.Module):
     Attributes:
         skip_rescale: divide the residual sum by ``sqrt(2)``.
         init_scale: initial scale of the output projection.
+        dtype: compute dtype of the projections and the two attention products; the attention
+            logits and softmax are float32 either way.
     """
 
     skip_rescale: bool = False
     init_scale: float = 0.0
+    dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, hh, ww, c = x.shape
         h = group_norm(c)(x)
         # 1x1 "network-in-network" projections (dense layers on the channel axis).
-        q = nn.Dense(c, kernel_init=default_init(0.1), name="query")(h)
-        k = nn.Dense(c, kernel_init=default_init(0.1), name="key")(h)
-        v = nn.Dense(c, kernel_init=default_init(0.1), name="value")(h)
+        q = dense(c, 0.1, name="query", dtype=self.dtype)(h)
+        k = dense(c, 0.1, name="key", dtype=self.dtype)(h)
+        v = dense(c, 0.1, name="value", dtype=self.dtype)(h)
         q = jnp.reshape(q, (b, hh * ww, c))
         k = jnp.reshape(k, (b, hh * ww, c))
         v = jnp.reshape(v, (b, hh * ww, c))
-        w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c), axis=-1)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        w = jax.nn.softmax(logits / math.sqrt(c), axis=-1).astype(self.dtype)
         h = jnp.reshape(jnp.einsum("bqk,bkc->bqc", w, v), (b, hh, ww, c))
-        h = nn.Dense(c, kernel_init=default_init(self.init_scale), name="out")(h)
-        return residual_sum(x, h, self.skip_rescale)
+        h = dense(c, self.init_scale, name="out", dtype=self.dtype)(h)
+        return residual_sum(x.astype(self.dtype), h, self.skip_rescale)
 
 
-def _add_time_bias(h: Array, temb: Array | None, act) -> Array:
+def _add_time_bias(h: Array, temb: Array | None, act, dtype: DType) -> Array:
     """Adds a per-channel bias computed from the (time and label) embedding."""
     if temb is None:
         return h
-    bias = nn.Dense(h.shape[-1], kernel_init=default_init(), name="temb_proj")(act(temb))
+    bias = dense(h.shape[-1], name="temb_proj", dtype=dtype)(act(temb))
     return h + bias[:, None, None, :]
 
 
@@ -178,6 +220,7 @@ class ResnetBlockDDPM(nn.Module):
         skip_rescale: divide the residual sum by ``sqrt(2)``.
         init_scale: initial scale of the second convolution.
         act: activation.
+        dtype: compute dtype of the convolutions and dense layers, and of the output.
     """
 
     out_ch: int | None = None
@@ -185,20 +228,21 @@ class ResnetBlockDDPM(nn.Module):
     skip_rescale: bool = False
     init_scale: float = 0.0
     act: Callable[[Array], Array] = nn.silu
+    dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
         c = x.shape[-1]
         out_ch = self.out_ch or c
         h = self.act(group_norm(c)(x))
-        h = conv3x3(out_ch)(h)
-        h = _add_time_bias(h, temb, self.act)
+        h = conv3x3(out_ch, dtype=self.dtype)(h)
+        h = _add_time_bias(h, temb, self.act, self.dtype)
         h = self.act(group_norm(out_ch)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(out_ch, init_scale=self.init_scale)(h)
+        h = conv3x3(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
         if c != out_ch:
-            x = nn.Dense(out_ch, kernel_init=default_init(0.1), name="shortcut")(x)
-        return residual_sum(x, h, self.skip_rescale)
+            x = dense(out_ch, 0.1, name="shortcut", dtype=self.dtype)(x)
+        return residual_sum(x.astype(self.dtype), h, self.skip_rescale)
 
 
 class ResnetBlockBigGAN(nn.Module):
@@ -217,6 +261,7 @@ class ResnetBlockBigGAN(nn.Module):
         skip_rescale: divide the residual sum by ``sqrt(2)``.
         init_scale: initial scale of the second convolution.
         act: activation.
+        dtype: compute dtype of the convolutions, dense layers and resampling, and of the output.
     """
 
     out_ch: int | None = None
@@ -228,8 +273,10 @@ class ResnetBlockBigGAN(nn.Module):
     skip_rescale: bool = True
     init_scale: float = 0.0
     act: Callable[[Array], Array] = nn.silu
+    dtype: DType = jnp.float32
 
     def _resample(self, x: Array) -> Array:
+        x = x.astype(self.dtype)
         if self.up:
             return upsample_2d(x, self.fir_kernel) if self.fir else _nearest_up(x)
         if self.down:
@@ -243,11 +290,11 @@ class ResnetBlockBigGAN(nn.Module):
         h = self.act(group_norm(c)(x))
         h = self._resample(h)
         x = self._resample(x)
-        h = conv3x3(out_ch)(h)
-        h = _add_time_bias(h, temb, self.act)
+        h = conv3x3(out_ch, dtype=self.dtype)(h)
+        h = _add_time_bias(h, temb, self.act, self.dtype)
         h = self.act(group_norm(out_ch)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(out_ch, init_scale=self.init_scale)(h)
+        h = conv3x3(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
         if c != out_ch or self.up or self.down:
-            x = conv1x1(out_ch)(x)
+            x = conv1x1(out_ch, dtype=self.dtype)(x)
         return residual_sum(x, h, self.skip_rescale)

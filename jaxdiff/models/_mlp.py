@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models._checks import check_choice, check_labels, check_noise_cond
+from jaxdiff.models._checks import check_choice, check_dtype, check_labels, check_noise_cond
 from jaxdiff.models._embedding import EMBEDDING_TYPES, embed_noise
 
 Array = jax.Array
@@ -34,6 +34,8 @@ class MLP(nn.Module):
         conditional: condition on the noise level.
         num_classes: if set, class-conditional with a ``num_classes + 1``-row label embedding; label
             ``num_classes`` is the null class of classifier-free guidance.
+        dtype: compute dtype of the dense layers, ``'float32'`` or ``'bfloat16'``; the parameters,
+            the noise-level embedding and the output are float32 either way.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -51,6 +53,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
     conditional: bool = True
     num_classes: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
@@ -59,6 +62,7 @@ class MLP(nn.Module):
             "embedding_type",
             check_choice("embedding_type", self.embedding_type, EMBEDDING_TYPES),
         )
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
         if not 0.0 <= self.dropout < 1.0:
@@ -78,7 +82,7 @@ class MLP(nn.Module):
             train: enables dropout (needs an rng named ``'dropout'``).
 
         Returns:
-            An array of shape ``(batch, d)``.
+            An array of shape ``(batch, d)``, float32 whatever the compute dtype.
         """
         if jnp.ndim(x) != 2:
             raise ValueError(f"x must have shape (batch, d), got {jnp.shape(x)}")
@@ -91,20 +95,22 @@ class MLP(nn.Module):
         noise_cond = jnp.asarray(noise_cond, dtype)
 
         size = self.embedding_size
+        # Dense layers compute in the compute dtype from float32 parameters.
+        mixed = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.float32)
         temb = None
         if self.conditional:
             emb = embed_noise(noise_cond, self.embedding_type, size, self.fourier_scale)
-            temb = nn.Dense(4 * size, name="temb_dense_0")(emb)
-            temb = nn.Dense(size, name="temb_dense_1")(nn.silu(temb))
+            temb = nn.Dense(4 * size, name="temb_dense_0", **mixed)(emb)
+            temb = nn.Dense(size, name="temb_dense_1", **mixed)(nn.silu(temb))
         if self.num_classes is not None:
-            label = nn.Embed(self.num_classes + 1, size, name="label_embed")(y)
+            label = nn.Embed(self.num_classes + 1, size, name="label_embed", **mixed)(y)
             temb = label if temb is None else temb + label
 
         h = x
         for i, width in enumerate(self.hidden_sizes):
-            h = nn.Dense(width, name="dense_in" if i == 0 else f"dense_{i}")(h)
+            h = nn.Dense(width, name="dense_in" if i == 0 else f"dense_{i}", **mixed)(h)
             if temb is not None:
-                h = h + nn.Dense(width, name=f"temb_proj_{i}")(nn.silu(temb))
+                h = h + nn.Dense(width, name=f"temb_proj_{i}", **mixed)(nn.silu(temb))
             h = nn.silu(h)
             h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        return nn.Dense(x.shape[-1], name="dense_out")(h)
+        return nn.Dense(x.shape[-1], name="dense_out", **mixed)(h).astype(jnp.float32)

@@ -27,6 +27,11 @@ Calling convention (shared with :class:`~jaxdiff.models.MLP`)::
 ``999 t`` for positional ones), and the output, shaped like ``x``, has no fixed meaning: whether it
 is a score, a noise prediction or a denoised image is decided by the parameterization that wraps
 the network.
+Mixed precision: ``dtype='bfloat16'`` computes every convolution, dense layer, attention product and
+FIR resampling in bfloat16, while the parameters stay float32 (the parameter tree is the same for both
+dtypes, so checkpoints load either way), the noise-level embedding, group normalisation and the
+attention softmax compute in float32, and the output is returned in float32.
+
 Unlike the reference code, the network neither rescales ``[0, 1]`` data to ``[-1, 1]`` nor divides
 by ``sigma`` (``scale_by_sigma``); both belong to the data pipeline and the parameterization.
 """
@@ -37,9 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models._checks import check_choice, check_labels, check_noise_cond
+from jaxdiff.models._checks import check_choice, check_dtype, check_labels, check_noise_cond
 from jaxdiff.models._embedding import EMBEDDING_TYPES, embed_noise
-from jaxdiff.models._init import default_init
 from jaxdiff.models._layers import (
     AttnBlock,
     Combine,
@@ -48,6 +52,7 @@ from jaxdiff.models._layers import (
     ResnetBlockDDPM,
     Upsample,
     conv3x3,
+    dense,
     group_norm,
     residual_sum,
 )
@@ -91,6 +96,8 @@ class NCSNpp(nn.Module):
         num_classes: if set, class-conditional: a learned label embedding, with ``num_classes + 1``
             rows, is added to the time embedding; label ``num_classes`` is the null class of
             classifier-free guidance (Ho & Salimans, 2022).
+        dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (mixed precision: parameters, group
+            normalisation, softmax and the output stay float32; see the module docstring).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -119,6 +126,7 @@ class NCSNpp(nn.Module):
     init_scale: float = 0.0
     conditional: bool = True
     num_classes: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         # Normalise config values (lists from config files, upper-case strings) and fail early.
@@ -137,6 +145,7 @@ class NCSNpp(nn.Module):
             check_choice("progressive_combine", self.progressive_combine, PROGRESSIVE_COMBINE),
         )
         fix("embedding_type", check_choice("embedding_type", self.embedding_type, EMBEDDING_TYPES))
+        fix("dtype", check_dtype(self.dtype))
         if self.nf < 1 or not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"need nf >= 1 and positive ch_mult, got {self.nf} and {self.ch_mult}")
         if self.num_res_blocks < 0:
@@ -166,6 +175,10 @@ class NCSNpp(nn.Module):
         check_noise_cond(noise_cond, x.shape[0])
         check_labels(y, self.num_classes, x.shape[0])
 
+    @property
+    def _dtype(self):
+        return jnp.dtype(self.dtype)
+
     def _resblock(self, out_ch: int | None = None, up: bool = False, down: bool = False):
         if self.resblock_type == "ddpm":
             return ResnetBlockDDPM(
@@ -173,6 +186,7 @@ class NCSNpp(nn.Module):
                 dropout=self.dropout,
                 skip_rescale=self.skip_rescale,
                 init_scale=self.init_scale,
+                dtype=self._dtype,
             )
         return ResnetBlockBigGAN(
             out_ch=out_ch,
@@ -183,10 +197,11 @@ class NCSNpp(nn.Module):
             fir_kernel=self.fir_kernel,
             skip_rescale=self.skip_rescale,
             init_scale=self.init_scale,
+            dtype=self._dtype,
         )
 
     def _attn(self):
-        return AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale)
+        return AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=self._dtype)
 
     @nn.compact
     def __call__(self, x: Array, noise_cond: Array, y: Array | None = None, train: bool = False) -> Array:
@@ -200,10 +215,11 @@ class NCSNpp(nn.Module):
             train: enables dropout (needs an rng named ``'dropout'``).
 
         Returns:
-            An array shaped like ``x``.
+            An array shaped like ``x``, float32 whatever the compute dtype.
         """
         self._check_inputs(x, noise_cond, y)
         act = nn.silu
+        dtype = self._dtype
         nf, n_levels, channels = self.nf, len(self.ch_mult), x.shape[-1]
         if jnp.issubdtype(x.dtype, jnp.floating):
             noise_cond = jnp.asarray(noise_cond, x.dtype)
@@ -214,17 +230,17 @@ class NCSNpp(nn.Module):
         temb = None
         if self.conditional:
             emb = embed_noise(noise_cond, self.embedding_type, nf, self.fourier_scale)
-            temb = nn.Dense(4 * nf, kernel_init=default_init(), name="temb_dense_0")(emb)
-            temb = nn.Dense(4 * nf, kernel_init=default_init(), name="temb_dense_1")(act(temb))
+            temb = dense(4 * nf, name="temb_dense_0", dtype=dtype)(emb)
+            temb = dense(4 * nf, name="temb_dense_1", dtype=dtype)(act(temb))
         if self.num_classes is not None:
-            label = nn.Embed(self.num_classes + 1, 4 * nf, name="label_embed")(y)
+            label = nn.Embed(self.num_classes + 1, 4 * nf, dtype=dtype, param_dtype=jnp.float32, name="label_embed")(y)
             temb = label if temb is None else temb + label
 
-        resample = dict(fir=self.fir, fir_kernel=self.fir_kernel)
+        resample = dict(fir=self.fir, fir_kernel=self.fir_kernel, dtype=dtype)
 
         # -- encoder ------------------------------------------------------------------------
         input_pyramid = x if self.progressive_input != "none" else None
-        hs = [conv3x3(nf, name="conv_in")(x)]
+        hs = [conv3x3(nf, name="conv_in", dtype=dtype)(x)]
         for level, mult in enumerate(self.ch_mult):
             for _ in range(self.num_res_blocks):
                 h = self._resblock(nf * mult)(hs[-1], temb, train)
@@ -239,7 +255,7 @@ class NCSNpp(nn.Module):
                 h = self._resblock(down=True)(hs[-1], temb, train)
             if self.progressive_input == "input_skip":
                 input_pyramid = Downsample(with_conv=False, **resample)(input_pyramid)
-                h = Combine(self.progressive_combine)(input_pyramid, h)
+                h = Combine(self.progressive_combine, dtype=dtype)(input_pyramid, h)
             elif self.progressive_input == "residual":
                 input_pyramid = Downsample(h.shape[-1], with_conv=True, **resample)(input_pyramid)
                 input_pyramid = h = residual_sum(input_pyramid, h, self.skip_rescale)
@@ -262,13 +278,13 @@ class NCSNpp(nn.Module):
 
             if self.progressive == "output_skip":
                 # Each resolution predicts an output; coarser predictions are upsampled and added.
-                out = conv3x3(channels, init_scale=self.init_scale)(act(group_norm(h.shape[-1])(h)))
+                out = conv3x3(channels, init_scale=self.init_scale, dtype=dtype)(act(group_norm(h.shape[-1])(h)))
                 if pyramid is not None:
                     out = out + Upsample(with_conv=False, **resample)(pyramid)
                 pyramid = out
             elif self.progressive == "residual":
                 if pyramid is None:
-                    pyramid = conv3x3(h.shape[-1])(act(group_norm(h.shape[-1])(h)))
+                    pyramid = conv3x3(h.shape[-1], dtype=dtype)(act(group_norm(h.shape[-1])(h)))
                 else:
                     pyramid = Upsample(h.shape[-1], with_conv=True, **resample)(pyramid)
                     pyramid = h = residual_sum(pyramid, h, self.skip_rescale)
@@ -281,9 +297,9 @@ class NCSNpp(nn.Module):
         assert not hs
 
         if self.progressive == "output_skip":
-            return pyramid
+            return pyramid.astype(jnp.float32)
         h = act(group_norm(h.shape[-1])(h))
-        return conv3x3(channels, init_scale=self.init_scale, name="conv_out")(h)
+        return conv3x3(channels, init_scale=self.init_scale, name="conv_out", dtype=dtype)(h).astype(jnp.float32)
 
 
 class DDPMpp(NCSNpp):
