@@ -53,6 +53,7 @@ def get_config():
     model.parameterization = "eps"  # the network predicts the noise: score = -output / sigma(t)
     model.scale_by_sigma = False
     model.ema_rate = 0.9999
+    model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 from float32 parameters
 
     config.training = training = ConfigDict()
     training.batch_size = 128

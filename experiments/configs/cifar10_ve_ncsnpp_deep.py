@@ -53,6 +53,7 @@ def get_config():
     model.parameterization = "score"  # the network outputs the score itself
     model.scale_by_sigma = True  # score = output / sigma(t) (Song & Ermon, 2020)
     model.ema_rate = 0.999
+    model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 from float32 parameters
     model.fir_kernel = (1, 3, 3, 1)
 
     config.training = training = ConfigDict()

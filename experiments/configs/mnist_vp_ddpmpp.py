@@ -45,6 +45,7 @@ def get_config():
     model.parameterization = "eps"
     model.scale_by_sigma = False
     model.ema_rate = 0.999
+    model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 from float32 parameters
 
     config.training = training = ConfigDict()
     training.batch_size = 128
