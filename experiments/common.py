@@ -46,6 +46,25 @@ SDES = {
 # config.model keys that are not attributes of the network.
 NOT_ARCHITECTURE = ("name", "parameterization", "scale_by_sigma", "ema_rate")
 SECTIONS = ("data", "sde", "model", "training", "optim", "sampling", "eval")
+# XLA's compiled programs are kept here between runs (a resumed or repeated run loads them instead of compiling).
+CACHE_ENV = "JAXDIFF_COMPILATION_CACHE"
+CACHE_MAX_BYTES = 4 << 30  # least recently used programs are dropped beyond this (it also turns on file locking)
+CACHE_MIN_SECS_ENV = "JAXDIFF_COMPILATION_CACHE_MIN_SECS"  # programs compiled faster than this are not kept (1 s)
+
+
+def default_compilation_cache() -> str:
+    """``$JAXDIFF_COMPILATION_CACHE``, else ``$XDG_CACHE_HOME/jaxdiff/xla`` (``~/.cache/jaxdiff/xla``)."""
+    if CACHE_ENV in os.environ:
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxdiff", "xla")
+
+
+flags.DEFINE_string(
+    "compilation_cache",
+    default_compilation_cache(),
+    f"directory of JAX's persistent compilation cache, shared by runs ('' turns it off; default from ${CACHE_ENV})",
+)
 
 
 class ConfigError(ValueError):
@@ -85,6 +104,14 @@ def validate(config: ConfigDict) -> ConfigDict:
         _check(
             name in allowed, f"sampling.options.{name}", f"not an option of {s.method!r}; valid: {', '.join(allowed)}"
         )
+    if config.get("score_sde") is not None:  # optional: the reference score function of an imported model
+        from jaxdiff.compat import score_sde
+
+        try:
+            score_sde.reference_sde(config.score_sde)
+            score_sde.network(config.score_sde)
+        except score_sde.UnsupportedConfigError as e:  # "config.model.nf: ..." -> "config.score_sde.model.nf: ..."
+            raise ConfigError("config.score_sde." + str(e).splitlines()[0].removeprefix("config.")) from None
     return config
 
 
@@ -148,7 +175,19 @@ def build_loss_fn(config: ConfigDict, sde, model, *, train: bool = True):
 
 
 def build_score_fn(config: ConfigDict, sde, model, params, *, y=None, guidance_weight=None):
-    """``score_fn(x, t)`` of a trained network (with labels and classifier-free guidance if given)."""
+    """``score_fn(x, t)`` of a trained network (with labels and classifier-free guidance if given).
+
+    A config with a ``score_sde`` section (written by ``import_score_sde.py`` for a reference model that
+    jaxdiff's parameterization cannot express, such as a discrete-time DDPM or SMLD model) gets the reference's
+    own score function, :func:`jaxdiff.compat.score_sde.reference_score_fn` with the settings stored there.
+    A config without it (every other one) is unchanged.
+    """
+    if config.get("score_sde") is not None:
+        from jaxdiff.compat import score_sde
+
+        if y is not None or guidance_weight is not None:
+            raise ConfigError("config.score_sde: a reference score_sde model takes no class labels")
+        return score_sde.reference_score_fn(model, params, config.score_sde)
     return make_score_fn(model, params, sde, y=y, guidance_weight=guidance_weight, **_parameterization(config))
 
 
@@ -254,6 +293,34 @@ def parse_flags(argv, flag_values=flags.FLAGS) -> None:
         raise ConfigError("--workdir is required")
     if not os.environ.get("JAXDIFF_TRACEBACK"):
         _quiet_background_errors()  # parsing the flags reset absl's verbosity
+    if "compilation_cache" in flag_values:
+        enable_compilation_cache(flag_values.compilation_cache)
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``path`` (``''`` or ``None``: leaves it off).
+
+    A program that took over a second (``$JAXDIFF_COMPILATION_CACHE_MIN_SECS``) to compile is stored under a key
+    of its HLO, the compile options, the devices and the jax/jaxlib versions, so a changed program or another
+    machine never reuses a stale entry.
+    The cache is bounded (``CACHE_MAX_BYTES``, least recently used out) and file-locked, so concurrent runs
+    share it. A directory that cannot be created is reported in one line and the run goes on uncached.
+
+    Returns:
+      The directory in use, or ``None``.
+    """
+    if not path:
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        print(f"note: --compilation_cache {path}: {e.strerror}; compiling without the cache", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get(CACHE_MIN_SECS_ENV, 1.0)))
+    return path
 
 
 def _quiet_background_errors() -> None:

@@ -25,6 +25,7 @@ the steps; otherwise one plain line per log interval.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ import common
 import evaluation
 import jax
 import jax.numpy as jnp
+import numpy as np
 import workdir as wd
 from absl import flags
 from ml_collections import config_flags
@@ -41,7 +43,7 @@ from tqdm import tqdm
 
 from jaxdiff.checkpoint import Checkpointer
 from jaxdiff.parallel import make_mesh, shard_batch
-from jaxdiff.train import create_train_state, make_train_step
+from jaxdiff.train import abstract_train_state, create_train_state, make_train_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (experiments/configs/*.py)", lock_config=True)
@@ -78,15 +80,24 @@ def train(config, workdir: str, nonfinite: str = "stop", restart: bool = False):
     mesh = make_mesh() if jax.device_count() > 1 else None  # data parallel over every device
     tx = common.build_optimizer(config)
     sample = jax.ShapeDtypeStruct((t.batch_size, *data.info.shape), jnp.float32)
-    state = create_train_state(jax.random.key(config.seed), model, sample, tx, mesh=mesh)
-    step_fn = make_train_step(common.build_loss_fn(config, sde, model), tx, ema_rate=config.model.ema_rate, mesh=mesh)
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+    key = jax.random.key(config.seed)
+    abstract = abstract_train_state(key, model, sample, tx, mesh=mesh)  # shapes only: nothing compiled yet
+    loss_fn = common.build_loss_fn(config, sde, model)
+    k = steps_per_call(config)
+    step_fn = make_train_step(loss_fn, tx, ema_rate=config.model.ema_rate, mesh=mesh)
+    multi_fn = (
+        make_train_step(loss_fn, tx, ema_rate=config.model.ema_rate, mesh=mesh, steps_per_call=k) if k > 1 else None
+    )
+    state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract) if hasattr(x, "dtype"))
     wd.check_free_space(workdir, (t.keep + 1) * state_bytes + 10_000_000, f"keeping {t.keep} checkpoints")
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep)
-    state, start = resume(ckpt, state, data, workdir, restart)
+    state, start = resume(ckpt, abstract, data, workdir, restart)
+    if state is None:  # a new run: only now are the parameters initialised
+        state = create_train_state(key, model, sample, tx, mesh=mesh)
     keys = ["x", "label"] if getattr(model, "num_classes", None) is not None else ["x"]
     put = (lambda b: shard_batch(mesh, b)) if mesh is not None else (lambda b: jax.tree.map(jnp.asarray, b))
+    put_stacked = (lambda b: shard_batch(mesh, b, batch_axis=1)) if mesh is not None else put
     metadata = lambda: {"data": data.state, "config": wd.config_dict(config)}  # noqa: E731
 
     received = _signals_to_flag()
@@ -94,13 +105,21 @@ def train(config, workdir: str, nonfinite: str = "stop", restart: bool = False):
     bar = tqdm(total=t.n_iters, initial=start, unit="step", dynamic_ncols=True, disable=not terminal)
     pending, tick, tick_step, row = [], time.perf_counter(), start, None
     log_path = os.path.join(workdir, "metrics.jsonl")
-    for step in range(start + 1, t.n_iters + 1):
-        batch = next(data)
-        state, metrics = step_fn(state, put({k: batch[k] for k in keys}))
-        pending.append(metrics)
-        bar.update(1)
+    step = start
+    while step < t.n_iters:
+        n = _chunk(step, k, t, ckpt)
+        if n > 1:  # several steps in one call, up to the next log or checkpoint step
+            batch = [next(data) for _ in range(n)]
+            state, metrics = multi_fn(state, put_stacked({name: np.stack([b[name] for b in batch]) for name in keys}))
+            pending.append(metrics)
+        else:
+            batch = next(data)
+            state, metrics = step_fn(state, put({name: batch[name] for name in keys}))
+            pending.append(jax.tree.map(lambda m: m[None], metrics))
+        step += n
+        bar.update(n)
         if step % t.log_every == 0 or step == t.n_iters:
-            pending = jax.device_get(pending)  # one host round trip per log interval
+            pending = _per_step(jax.device_get(pending))  # one host round trip per log interval
             now = time.perf_counter()
             bad = [step - len(pending) + 1 + i for i, m in enumerate(pending) if not m["finite"]]
             if bad and nonfinite == "stop":
@@ -131,14 +150,42 @@ def train(config, workdir: str, nonfinite: str = "stop", restart: bool = False):
     return state, row
 
 
-def resume(ckpt: Checkpointer, state, data, workdir: str, restart: bool):
+def steps_per_call(config) -> int:
+    """``config.training.steps_per_call`` (1 for a config written before the option existed)."""
+    k = config.training.get("steps_per_call", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise common.ConfigError(f"config.training.steps_per_call: must be an integer >= 1, got {k!r}")
+    return k
+
+
+def _chunk(step: int, k: int, t, ckpt: Checkpointer) -> int:
+    """How many steps the next call takes: ``k``, unless a log or checkpoint step or the end comes sooner.
+
+    Then it is 1, and single steps carry the run to that step (a resumed run may start off the grid of ``k``).
+    """
+    if k == 1 or step + k > t.n_iters:
+        return 1
+    if any(s % t.log_every == 0 or ckpt.should_save(s) for s in range(step + 1, step + k)):
+        return 1
+    return k
+
+
+def _per_step(chunks: list[dict]) -> list[dict]:
+    """Metrics of calls (each a dict of arrays with one entry per step) as one dict per step."""
+    return [{name: m[name][i] for name in m} for m in chunks for i in range(len(m["loss"]))]
+
+
+def resume(ckpt: Checkpointer, target, data, workdir: str, restart: bool):
     """The state and data position of the newest readable checkpoint, both from that one checkpoint.
+
+    ``target`` gives the structure, shapes and shardings (an abstract state). With no checkpoint to resume
+    from, the state returned is ``None`` and the step 0.
 
     Unreadable newer checkpoints are moved aside to ``checkpoints/corrupt-<step>`` (never deleted) and named. If
     checkpoints exist and none reads, the run is refused, unless ``restart`` asks to start again from step 0 (the
     unreadable ones are moved aside and ``metrics.jsonl`` to ``metrics-before-restart-<time>.jsonl``).
     """
-    found = ckpt.restore_newest(state)
+    found = ckpt.restore_newest(target)
     if found.step is None and found.unreadable and not restart:
         names = "; ".join(f"{s} ({why[:80]})" for s, why in found.unreadable)
         raise common.ConfigError(f"--workdir {workdir}: every checkpoint in {ckpt.directory} is unreadable: "
@@ -153,7 +200,7 @@ def resume(ckpt: Checkpointer, state, data, workdir: str, restart: bool):
             kept = os.path.join(workdir, f"metrics-before-restart-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
             os.replace(log, kept)
             print(f"note: --restart: starting from step 0; the old metrics are in {kept}", flush=True)
-        return state, 0
+        return None, 0
     data.restore(found.metadata["data"])  # the data order continues where that same checkpoint stopped
     start = int(found.value.step)
     print(f"resumed from checkpoint {found.step} in {ckpt.directory} (step {start}, data position: epoch "
@@ -165,6 +212,7 @@ def main(argv):
     common.parse_flags(argv)
     config = common.validate(FLAGS.config)
     evaluation.check_sampler(config, common.build_sde(config))  # the end-of-run sampler, checked before training
+    steps_per_call(config)
     workdir = wd.prepare_dir(FLAGS.workdir)
     with wd.Lock(workdir) as lock:
         if lock.note:

@@ -177,6 +177,10 @@ def _run_key(key: Array) -> Array:
     return jax.random.split(key, 3)[2]  # as in ``_init_fn``
 
 
+def _state_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
+    return replicated_sharding(mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+
+
 def create_train_state(
     key: Array,
     model: nn.Module,
@@ -201,8 +205,10 @@ def create_train_state(
     Returns:
       A :class:`TrainState` at step 0 with ``ema_params == params``.
     """
-    out_shardings = replicated_sharding(mesh) if mesh is not None else None
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    # Placed explicitly (committed) also on one device: a state restored from a checkpoint is, and the train step
+    # then lowers to the same program either way, found in the persistent compilation cache by a resumed run.
+    out_shardings = _state_sharding(mesh)
+    platform = next(iter(out_shardings.device_set)).platform
     options = _INIT_COMPILER_OPTIONS.get(platform)
     return jax.jit(_init_fn(model, sample_input, tx), out_shardings=out_shardings, compiler_options=options)(key)
 
@@ -222,7 +228,7 @@ def abstract_train_state(
     it is about to overwrite. The run's ``key`` is concrete (restoring needs its PRNG implementation); every
     other leaf is a ``jax.ShapeDtypeStruct`` with the sharding the created state would have.
     """
-    sharding = replicated_sharding(mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+    sharding = _state_sharding(mesh)
     shapes = jax.eval_shape(_init_fn(model, sample_input, tx), key)
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
     return state.replace(key=jax.device_put(_run_key(key), sharding))

@@ -63,6 +63,7 @@ def get_config():
     training.label_dropout = 0.0
     training.log_every = 50
     training.save_every = 10000  # the reference's preemption checkpoints
+    training.steps_per_call = 1  # optimiser steps per compiled call (a scan over stacked batches)
     training.keep = 3
     training.progress_bar = True
 

@@ -56,6 +56,7 @@ def get_config():
     training.label_dropout = 0.0  # > 0 with num_classes trains for classifier-free guidance
     training.log_every = 100
     training.save_every = 500
+    training.steps_per_call = 1  # optimiser steps per compiled call (a scan over stacked batches)
     training.keep = 2
     training.progress_bar = True
 
