@@ -32,8 +32,12 @@ from jaxdiff.checkpoint import Checkpointer, CheckpointMismatchError
 # Keys that may change when a run is resumed: they decide how long it runs, how often it logs and saves, and what
 # the end-of-run evaluation does, never what a training step computes. Every other key (model, SDE, data, batch
 # size, seed, optimiser, loss) is fixed by the first start. A trailing ".*" allows a whole section.
+# The one exception is model.dtype, the compute precision: parameters, optimiser state and EMA are float32 in
+# both precisions, with the same tree, so a run may continue in the other one (begun in float32 on a CPU,
+# continued in bfloat16 on an accelerator); only the rounding of the steps after the switch differs.
 SAFE_CHANGES = (
     "name",
+    "model.dtype",
     "training.n_iters",
     "training.log_every",
     "training.save_every",
@@ -229,13 +233,19 @@ def _safe(key: str) -> bool:
     return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in SAFE_CHANGES)
 
 
+# Keys added to the configs after runs were written, with the value a config without them stands for: a key
+# absent on one side and equal to its default on the other is no change.
+DEFAULTS = {"model.dtype": "float32"}
+
+
 def config_changes(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every key whose change would alter a resumed run (see ``SAFE_CHANGES``)."""
     a, b = _flat(old), _flat(new)
+    value = lambda d, k: d.get(k, DEFAULTS.get(k, "(absent)"))  # noqa: E731
     return [
-        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        f"{k}: {value(a, k)!r} -> {value(b, k)!r}"
         for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k) and not _safe(k)
+        if value(a, k) != value(b, k) and not _safe(k)
     ]
 
 
