@@ -9,6 +9,11 @@ class-conditional models (label ``num_classes`` is the null class); the output h
 ``x`` and its meaning (score, noise, denoised data) is fixed by the parameterization around it.
 Parameter counts of the paper's CIFAR-10 networks are in ``PARAMS.md``.
 
+Every network (the classifier below too) takes ``dtype='float32'`` (default) or ``'bfloat16'``: mixed
+precision, with convolutions, dense layers, attention products and FIR resampling computed in bfloat16 from
+float32 parameters, and the noise-level embedding, group normalisation, softmax and output in float32. The
+parameter tree is the same for both, so parameters trained in one dtype are used as they are in the other.
+
 Beside them, the noise-conditional classifier of classifier guidance, :class:`NoiseConditionalClassifier`
 (``model.apply(variables, x, noise_cond) -> logits``), with its loss, a training loop and
 :func:`make_classifier_log_prob_fn`, which turns it into the ``log_prob_y_fn(x, t)`` that
