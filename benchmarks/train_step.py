@@ -17,6 +17,10 @@ virtual devices sharing the host's cores: the number measures sharding overhead,
     python benchmarks/train_step.py                 # all configs, 1 and 8 devices
     python benchmarks/train_step.py --quick         # fewer timed steps
     python benchmarks/train_step.py --configs mlp_2d,ddpmpp_tiny --devices 1
+
+Where a step's time goes (per block, the loss's randomness, the optimiser's passes over the parameters, the
+library's step against a plain hand-written JAX step, and each beside PyTorch on the same core) is measured by
+``benchmarks/train_breakdown.py``; ``--breakdown`` here runs it with its defaults (one core, both DDPM++ sizes).
 """
 
 from __future__ import annotations
@@ -112,7 +116,14 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", default="1,8", help="comma-separated device counts (CPU: virtual devices)")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "DEVICES"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="run benchmarks/train_breakdown.py instead (per block, vs torch)"
+    )
     args = parser.parse_args(argv)
+
+    if args.breakdown:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_breakdown.py")
+        return subprocess.run([sys.executable, script]).returncode
 
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.quick)), flush=True)
