@@ -8,8 +8,12 @@
 ``--config`` is the reference run's config: its JSON, or a reference config file (with the score_sde
 repository root on ``PYTHONPATH``). Writes ``WORKDIR/config.json`` (the equivalent jaxdiff config) and
 ``WORKDIR/checkpoints/<step>`` (the optimiser's target as ``params``, ``params_ema`` as ``ema_params``), which
-``sample.py``, ``evaluate.py`` and ``edit.py`` read like a run of ``train.py``. An unsupported config or a
-checkpoint that does not fit it is one line on stderr and exit code 2.
+``sample.py``, ``evaluate.py`` and ``edit.py`` read like a run of ``train.py``. Continuous-time models are written
+in jaxdiff's own conventions; the others (discrete-time DDPM and SMLD models, Fourier features with a VP SDE)
+keep the reference's data range and carry the reference settings in ``config.score_sde``, from which
+``common.build_score_fn`` builds the reference's own score function (``get_score_fn(..., continuous=False)`` for
+a discrete model). An unsupported config or a checkpoint that does not fit it is one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ def main(argv):
         saver = Checkpointer(checkpoints, keep=None)
         saver.save(ckpt.step, state, metadata={"config": wd.config_dict(config), "source": source})
         saver.close()
-    model = config.model.name
-    print(f"imported step {ckpt.step} ({model}, {config.sde.name}) -> {FLAGS.workdir}/config.json, {checkpoints}")
+    kind = f"{config.model.name}, {config.sde.name}"
+    if config.get("score_sde") is not None:
+        kind += f", the reference's score function: {score_sde.reference_only(config.score_sde)}"
+    print(f"imported step {ckpt.step} ({kind}) -> {FLAGS.workdir}/config.json, {checkpoints}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ __all__ = [
     "UnsupportedConfigError",
     "Spec",
     "parse",
-    "check_workdir",
+    "reference_only",
+    "reference_settings",
     "rescales",
     "load_config",
     "network",
@@ -195,43 +196,71 @@ def reference_sde(config: Any) -> SDE:
 # ----------------------------------------------------------------------------------------------------------
 # jaxdiff's own conventions: the config and parameters of a work directory
 # ----------------------------------------------------------------------------------------------------------
-def check_workdir(spec: Spec) -> None:
+def reference_only(config: Any) -> str | None:
+    """What keeps a model out of jaxdiff's own parameterization (``'key: why'``), or ``None``.
+
+    Such a model is exported with the reference's own score function (the ``score_sde`` section of its jaxdiff
+    config, see :func:`workdir_config`).
+
+    Args:
+      config: a reference config (as :func:`load_config` reads it) or its :class:`Spec`.
+    """
+    spec = config if isinstance(config, Spec) else parse(load_config(config))
     if not spec.continuous:
-        _fail("training.continuous", "False: discrete-time models need the reference's score function "
-              "(ScoreSDECheckpoint.score_fn); jaxdiff's configs are continuous-time")  # fmt: skip
+        return "training.continuous: False (integer noise labels of a discrete chain)"
     if spec.sde != "vesde" and spec.embedding_type == "fourier":
-        _fail("model.embedding_type", f"'fourier' with {spec.sde}: jaxdiff feeds Fourier features log sigma(t)")
+        return f"model.embedding_type: 'fourier' with {spec.sde} (its features see log(999 t), not log sigma(t))"
     if spec.sde != "vesde" and not spec.centered:
-        _fail("data.centered", f"False with {spec.sde}: not a {spec.sde} in the network's coordinates 2 x - 1")
+        return f"data.centered: False with {spec.sde} (not a {spec.sde} in the network's coordinates 2 x - 1)"
     if spec.sde == "vesde" and not spec.centered and not spec.scale_by_sigma:
-        _fail("model.scale_by_sigma", "False with uncentred VE data is not expressible in jaxdiff's conventions")
+        return "model.scale_by_sigma: False with uncentred VE data (the network's output is not rescaled)"
+    return None
 
 
 def rescales(spec: Spec) -> bool:
     """Whether the model is re-expressed in the network's coordinates ``y = 2 x - 1``."""
-    return spec.sde == "vesde" and not spec.centered
+    return spec.sde == "vesde" and not spec.centered and reference_only(spec) is None
+
+
+def reference_settings(config: Any) -> ConfigDict:
+    """The part of a reference config that fixes its score function (``data``, ``training``, ``model`` keys).
+
+    :func:`jaxdiff.compat.score_sde.reference_score_fn` accepts it in place of the whole config.
+    """
+    ref = load_config(config)
+    spec = parse(ref)
+    return ConfigDict(dict(
+        data=dict(centered=spec.centered, image_size=spec.shape[0], num_channels=spec.shape[2]),
+        training=dict(sde=spec.sde, continuous=spec.continuous),
+        model={k: ref.model[k] for k in sorted(ref.model)},
+    ))  # fmt: skip
 
 
 def workdir_config(config: Any) -> ConfigDict:
     """The jaxdiff config (the sections of ``experiments/configs/*.py``) equivalent to a reference config.
 
+    A model that jaxdiff's parameterization expresses (:func:`reference_only` is ``None``) gets a plain jaxdiff
+    config. Any other (discrete-time models, Fourier features with a VP SDE, ...) keeps the reference's data
+    range and SDE, and its config carries a section ``score_sde``: the :func:`reference_settings` from which
+    ``experiments/common.build_score_fn`` builds the reference's own score function. See
+    :meth:`ScoreSDECheckpoint.workdir`.
+
     Raises:
-      UnsupportedConfigError: see :meth:`ScoreSDECheckpoint.workdir`.
+      UnsupportedConfigError: a config :func:`parse` refuses, or a data set jaxdiff cannot read.
     """
     ref = load_config(config)
     spec = parse(ref)
-    check_workdir(spec)
     scale = 2.0 if rescales(spec) else 1.0
     dataset = str(_get(ref, "data.dataset"))
     if dataset.upper() not in _DATASETS:
         _fail("data.dataset", f"{dataset!r}: jaxdiff reads {', '.join(_DATASETS)} (others as an image_folder)")
-    name, native = _DATASETS[dataset.upper()]
+    name, native_size = _DATASETS[dataset.upper()]
     tr, sa, op = ref.training, ref.sampling, ref.optim
 
     c = ConfigDict()
     c.name = f"score_sde_{dataset.lower()}_{spec.sde}_{spec.model_name}"
     c.seed = int(ref.get("seed", 42))
-    c.data = ConfigDict(dict(dataset=name, image_size=None if spec.shape[0] == native else spec.shape[0],
+    c.data = ConfigDict(dict(dataset=name, image_size=None if spec.shape[0] == native_size else spec.shape[0],
                              centered=True if scale == 2.0 else spec.centered,
                              random_flip=bool(ref.data.get("random_flip", True)),
                              dequantize=bool(ref.data.get("uniform_dequantization", False))))  # fmt: skip
@@ -243,7 +272,7 @@ def workdir_config(config: Any) -> ConfigDict:
     c.model.parameterization = "score" if spec.sde == "vesde" else "eps"
     c.model.scale_by_sigma = spec.scale_by_sigma
     c.model.ema_rate = float(ref.model.ema_rate)
-    c.training = ConfigDict(dict(batch_size=int(tr.batch_size), n_iters=int(tr.n_iters), continuous=True,
+    c.training = ConfigDict(dict(batch_size=int(tr.batch_size), n_iters=int(tr.n_iters), continuous=spec.continuous,
                                  reduce_mean=bool(tr.reduce_mean), likelihood_weighting=bool(tr.likelihood_weighting),
                                  importance_sampling=False, label_dropout=0.0, log_every=int(tr.get("log_freq", 50)),
                                  save_every=int(tr.get("snapshot_freq_for_preemption", 10000)), keep=3,
@@ -265,8 +294,13 @@ def workdir_config(config: Any) -> ConfigDict:
         options = dict(predictor=_PREDICTORS[predictor], corrector=_CORRECTORS[corrector], snr=float(sa.snr),
                        corrector_steps=int(sa.get("n_steps_each", 1)), eps=eps,
                        denoise=bool(sa.get("noise_removal", True)))  # fmt: skip
-    c.sampling = ConfigDict(dict(method=method, steps=int(ref.model.num_scales), options=ConfigDict(options)))
+    # A discrete model knows only its N labels: N - 1 steps put the grid linspace(T, eps, N) on them, as the
+    # reference's samplers do, the final denoising step taking the place of the reference's last step.
+    steps = int(ref.model.num_scales) - (0 if spec.continuous else 1)
+    c.sampling = ConfigDict(dict(method=method, steps=steps, options=ConfigDict(options)))
     c.eval = ConfigDict(dict(enabled=True, num_samples=64, grid_size=64, likelihood_examples=256,
                              hutchinson_probes=1, ode_tol=1e-5, density_grid=0, plot_range=(-3.0, 3.0),
                              quality=False))  # fmt: skip
+    if reference_only(spec) is not None:  # build_score_fn builds the reference's score function from these
+        c.score_sde = reference_settings(ref)
     return c

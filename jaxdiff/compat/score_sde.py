@@ -22,8 +22,9 @@ its caller:
 ...                        "configs/ve/cifar10_ncsnpp_continuous.py")  # doctest: +SKIP
 >>> score = ckpt.score_fn()(x, t)  # doctest: +SKIP  (equal to the reference's get_score_fn(...)(x, t))
 
-:meth:`ScoreSDECheckpoint.workdir` gives the same model in jaxdiff's own conventions (a config for
-``experiments/``, parameters for :func:`jaxdiff.parameterization.make_score_fn`).
+:meth:`ScoreSDECheckpoint.workdir` gives the same model as a config for ``experiments/`` with its parameters: in
+jaxdiff's own conventions where they express it (continuous VE, VP and sub-VP models), otherwise with a
+``score_sde`` section from which ``experiments/common.build_score_fn`` builds the reference score function above.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ from jaxdiff.compat import _score_sde_names as names
 from jaxdiff.compat._score_sde_config import (
     Spec,
     UnsupportedConfigError,
-    check_workdir,
     load_config,
     network,
     parse,
+    reference_only,
     reference_sde,
+    reference_settings,
     rescales,
     workdir_config,
 )
@@ -63,7 +65,9 @@ __all__ = [
     "load_config",
     "read_state",
     "network",
+    "reference_only",
     "reference_sde",
+    "reference_settings",
     "reference_score_fn",
     "reference_network",
     "to_reference_params",
@@ -197,8 +201,8 @@ class ScoreSDECheckpoint:
       ema_params: ``State.params_ema`` (what the paper samples and evaluates with).
       sde: the forward SDE as the reference defines it, on the reference's data range.
       step: ``State.step``.
-      config: the equivalent jaxdiff config (sections ``data``, ``sde``, ``model``, ... of ``experiments/``),
-        or ``None`` where jaxdiff's own conventions cannot express the model (:meth:`workdir` says why).
+      config: the equivalent jaxdiff config (sections ``data``, ``sde``, ``model``, ... of ``experiments/``,
+        see :meth:`workdir`), or ``None`` for a data set jaxdiff cannot read.
       reference_config: the reference ConfigDict.
     """
 
@@ -219,10 +223,11 @@ class ScoreSDECheckpoint:
         return reference_score_fn(self.model, self.ema_params if ema else self.params, self.reference_config)
 
     def workdir(self, ema: bool = True) -> tuple[ConfigDict, PyTree]:
-        """``(config, params)`` in jaxdiff's conventions: ``make_score_fn`` on them is this model's score.
+        """``(config, params)`` for ``experiments/``: ``build_score_fn`` on them is this model's score.
 
         jaxdiff's networks take data as they are and are fed ``log sigma(t)`` (Fourier) or ``999 t``
-        (positional). The continuous models map onto that exactly:
+        (positional). The continuous models map onto that exactly, and ``make_score_fn`` on the config's
+        ``model.parameterization`` and ``scale_by_sigma`` is their score:
 
         * VP / sub-VP (centred data): unchanged, ``parameterization='eps'``;
         * VE on uncentred data: the model is expressed in the coordinates its network sees, ``y = 2 x - 1``
@@ -232,9 +237,14 @@ class ScoreSDECheckpoint:
           bits/dim are unchanged by the change of coordinates, except that the VE prior ``N(0, sigma_max^2)``
           is centred at ``y = 0`` rather than at the reference's ``x = 0``.
 
+        The others (:func:`reference_only` names the key: discrete-time DDPM and SMLD models, Fourier features
+        with a VP SDE, uncentred VP data, uncentred VE data without ``scale_by_sigma``) keep the reference's
+        data range, SDE and parameters, and the config's section ``score_sde`` (:func:`reference_settings`)
+        tells ``experiments/common.build_score_fn`` to use :func:`reference_score_fn`: the samplers and the
+        likelihood then see exactly ``get_score_fn(..., continuous=training.continuous)`` of the reference.
+
         Raises:
-          UnsupportedConfigError: for the models that need the reference's own score function (discrete-time
-            models, Fourier features with a VP SDE).
+          UnsupportedConfigError: a data set jaxdiff cannot read (``data.dataset``).
         """
         return workdir_config(self.reference_config), _workdir_params(
             self.ema_params if ema else self.params, parse(self.reference_config)
@@ -295,7 +305,6 @@ def load_checkpoint(path: str | os.PathLike, config: Any) -> ScoreSDECheckpoint:
 # jaxdiff's own conventions: the parameters of a work directory
 # ----------------------------------------------------------------------------------------------------------
 def _workdir_params(params: PyTree, spec: Spec) -> PyTree:
-    check_workdir(spec)
     if not rescales(spec):
         return params
     # jaxdiff feeds log(2 sigma) = log(sigma) + log 2. With a = 2 pi W, the reference's features are
