@@ -108,14 +108,15 @@ DDPMPP = dict(
     **{"model.embedding_type": "positional", "model.fir": False, "model.progressive_input": "none"},
     **{"model.scale_by_sigma": False, "data.centered": True, "training.continuous": True},
 )
+SMLD = dict(
+    **{"model.embedding_type": "positional", "training.continuous": False},
+    **{"model.progressive": "output_skip", "model.sigma_max": 20.0, "model.num_scales": 50},
+)
 CASES = {
     "vp_ddpmpp": _reference_config(**DDPMPP, **{"training.sde": "vpsde", "model.num_res_blocks": 2}),
     "subvp_ddpmpp": _reference_config(**DDPMPP, **{"training.sde": "subvpsde"}),
     # configs/ve/cifar10_ncsnpp.py: SMLD, positional embedding of integer labels, scale_by_sigma, [0, 1] data
-    "smld_ncsnpp": _reference_config(
-        **{"model.embedding_type": "positional", "training.continuous": False},
-        **{"model.progressive": "output_skip", "model.sigma_max": 20.0, "model.num_scales": 50},
-    ),
+    "smld_ncsnpp": _reference_config(**SMLD),
     # configs/vp/ddpm/cifar10.py at 4x4: 128 channels, where DDPM's 32 groups are jaxdiff's min(C // 4, 32)
     "ddpm": _reference_config(
         **{"model.name": "ddpm", "model.nf": 128, "model.ch_mult": [1, 1], "model.num_res_blocks": 1},
@@ -150,9 +151,10 @@ def write_reference_checkpoint(path, params, ema_params, config, step=7):
         f.write(serialization.msgpack_serialize(_sorted(state)))
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def derived(request, tmp_path_factory):
-    config = CASES[request.param]
+def write_derived_checkpoint(name, directory):
+    """A checkpoint of ``CASES[name]`` with random weights in ``directory``: ``(config, model, params, ema,
+    path, shape)``."""
+    config = CASES[name]
     model = score_sde.network(config)
     size, channels = config["data"]["image_size"], config["data"]["num_channels"]
     x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
@@ -164,9 +166,14 @@ def derived(request, tmp_path_factory):
         tree, [jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32) for p in leaves]
     )
     params, ema = draw(), draw()
-    path = str(tmp_path_factory.mktemp(request.param) / "checkpoint_7")
+    path = os.path.join(directory, "checkpoint_7")
     write_reference_checkpoint(path, params, ema, config)
-    return request.param, config, model, params, ema, path, (size, size, channels)
+    return config, model, params, ema, path, (size, size, channels)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def derived(request, tmp_path_factory):
+    return request.param, *write_derived_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
 
 
 def test_derived_round_trip(derived):
@@ -217,24 +224,83 @@ def test_derived_score_conventions(derived):
     assert float(jnp.abs(expected).max()) > 1e-2  # not a vanishing output
 
 
-def test_derived_workdir(derived):
-    """Continuous models keep their parameters and score in jaxdiff's conventions; discrete ones say why not."""
-    import jaxdiff
+def _experiments_common(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import common
 
+    return common
+
+
+def _through_json(config: ConfigDict) -> ConfigDict:
+    """The config as ``load_run`` reads it back from ``config.json`` (the batch size made valid on these devices,
+    as import_score_sde.py does)."""
+    config = ConfigDict(json.loads(config.to_json_best_effort()))
+    config.training.batch_size = jax.device_count()
+    return config
+
+
+def test_derived_workdir(derived, monkeypatch):
+    """The exported config and parameters, through the builders of sample.py / evaluate.py / edit.py, give the
+    reference's score: continuous models in jaxdiff's own conventions, discrete ones through the reference's
+    score function (the config's score_sde section), on the reference's data range and time grid."""
+    common = _experiments_common(monkeypatch)
     name, config, model, _, ema, path, shape = derived
     ckpt = score_sde.load_checkpoint(path, config)
-    if name in ("smld_ncsnpp", "ddpm"):
-        assert ckpt.config is None
-        with pytest.raises(score_sde.UnsupportedConfigError, match=r"^config\.training\.continuous"):
-            ckpt.workdir()
-        return
     jd_config, params = ckpt.workdir()
-    sde_cls = {"vpsde": jaxdiff.VPSDE, "subvpsde": jaxdiff.SubVPSDE}[jd_config.sde.name]
-    sde = sde_cls(jd_config.sde.beta_min, jd_config.sde.beta_max, N=jd_config.sde.num_scales)
-    score_fn = make_score_fn(model, params, sde, parameterization=jd_config.model.parameterization)
-    x, t = jax.random.normal(jax.random.key(3), (2, *shape)), jnp.array([0.7, 0.05])
+    jd_config = common.validate(_through_json(jd_config))
+    discrete = name in ("smld_ncsnpp", "ddpm")
+    assert ("score_sde" in jd_config) == discrete and ckpt.config is not None
+    assert (score_sde.reference_only(config) or "").startswith("training.continuous") == discrete
+    assert jd_config.training.continuous == (not discrete) and jd_config.data.centered == config["data"]["centered"]
+    assert jd_config.sampling.steps == config["model"]["num_scales"] - discrete  # discrete: the N labels' grid
+    sde = common.build_sde(jd_config)
+    score_fn = common.build_score_fn(jd_config, sde, common.build_model(jd_config), params)
+    low = 0.0 if name == "smld_ncsnpp" else -1.0
+    x = jax.random.uniform(jax.random.key(3), (3, *shape), minval=low, maxval=1.0)
+    t = jnp.array([1.0, 0.7, 0.05])
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(score_fn(x, t), ckpt.score_fn()(x, t), rtol=1e-6, atol=1e-6)
+        got, want = score_fn(x, t), ckpt.score_fn()(x, t)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+    if name == "ddpm":  # as the reference's likelihood and ODE sampler call it: continuous=True, labels 999 t, std(t)
+        jd_config.score_sde.training.continuous = True
+        with jax.default_matmul_precision("highest"):
+            got = common.build_score_fn(jd_config, sde, common.build_model(jd_config), params)(x, t)
+            want = make_score_fn(model, params, sde, parameterization="eps")(x, t)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_fourier_features_with_vp_use_the_reference_score(monkeypatch):
+    """A continuous VP model with Fourier features (the fixture's network): its features see log(999 t), which
+    jaxdiff's own conditioning (log sigma(t)) cannot express, so the workdir uses the reference's score."""
+    common = _experiments_common(monkeypatch)
+    config = _reference_config(**{"training.sde": "vpsde", "data.centered": True, "model.scale_by_sigma": False})
+    assert score_sde.reference_only(config).startswith("model.embedding_type")
+    ckpt = score_sde.load_checkpoint(CHECKPOINT, config)
+    x = jax.random.uniform(jax.random.key(4), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
+    t = np.array([0.9, 0.2])
+    m = config["model"]
+    std = _vp_std(t, m["beta_min"], m["beta_max"])
+    jd_config, params = ckpt.workdir()
+    jd_config = common.validate(_through_json(jd_config))
+    score_fn = common.build_score_fn(jd_config, common.build_sde(jd_config), common.build_model(jd_config), params)
+    with jax.default_matmul_precision("highest"):
+        net = ckpt.model.apply({"params": ckpt.ema_params}, x, jnp.log(999.0 * jnp.asarray(t, jnp.float32)))
+        expected = -net / std[:, None, None, None]
+        np.testing.assert_allclose(ckpt.score_fn()(x, jnp.asarray(t)), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(score_fn(x, jnp.asarray(t)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_workdir_config_without_score_sde_section_is_unchanged(monkeypatch):
+    """Every config written before the score_sde section (and every continuous import) builds jaxdiff's own
+    score; a damaged section is a one-line error naming its key."""
+    common = _experiments_common(monkeypatch)
+    config, _ = score_sde.load_checkpoint(CHECKPOINT, CONFIG).workdir()
+    assert "score_sde" not in config
+    common.validate(_through_json(config))
+    discrete = _through_json(score_sde.workdir_config(_reference_config(**SMLD)))
+    discrete.score_sde.model.name = "ncsnv2_64"
+    with pytest.raises(common.ConfigError, match=r"^config\.score_sde\.model\.name: 'ncsnv2_64'"):
+        common.validate(discrete)
 
 
 # -- one-line errors ------------------------------------------------------------------------------------------
@@ -301,54 +367,81 @@ with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_C
 """
 
 
+# The scripts compile a few programs of the network each (the likelihood's has eight); XLA's optimisations of them
+# would take most of the test's time, for programs that run a handful of steps.
+FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+)
+
+
 def _run(*args, mock_data=False, timeout=300):
     script = os.path.join(ROOT, "experiments", args[0])
     command = [sys.executable, "-c", MOCK_RUN, script] if mock_data else [sys.executable, script]
-    return subprocess.run([*command, *args[1:]], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
+    return subprocess.run([*command, *args[1:]], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _import(checkpoint, config, workdir):
+    """import_score_sde.py, then the likelihood's ODE tolerance of the test (1e-2) in the written config."""
+    proc = _run("import_score_sde.py", f"--checkpoint={checkpoint}", f"--config={config}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        written = json.load(f)
+    written["eval"]["ode_tol"] = 1e-2
+    with open(path, "w") as f:
+        json.dump(written, f)
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("imported"))
-    proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={CONFIG}", f"--workdir={workdir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    path = os.path.join(workdir, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["eval"]["ode_tol"] = 1e-2  # tiny settings for the likelihood
-    with open(path, "w") as f:
-        json.dump(config, f)
+    _import(CHECKPOINT, CONFIG, workdir)
     return workdir
+
+
+@pytest.fixture(scope="module")
+def imported_smld(tmp_path_factory):
+    """The derived discrete VE (SMLD) checkpoint, imported."""
+    directory = tmp_path_factory.mktemp("smld")
+    config, _, _, _, checkpoint, _ = write_derived_checkpoint("smld_ncsnpp", str(directory))
+    (directory / "config.json").write_text(json.dumps(config))
+    workdir = str(tmp_path_factory.mktemp("imported_smld"))
+    return workdir, _import(checkpoint, str(directory / "config.json"), workdir)
 
 
 def test_import_writes_a_workdir(imported, fixture_ckpt, monkeypatch):
     """What sample.py, evaluate.py and edit.py read: the config and the EMA parameters of the newest step."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
-    import common
-
+    common = _experiments_common(monkeypatch)
     config, params, step = common.load_workdir(imported)
-    assert step == 3 and config.sde.name == "vesde" and config.data.centered
+    assert step == 3 and config.sde.name == "vesde" and config.data.centered and "score_sde" not in config
     _, want = fixture_ckpt.workdir()
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, want))
 
 
-@pytest.mark.slow
-def test_import_then_sample_and_evaluate(imported):
-    proc = _run("sample.py", f"--workdir={imported}", "--n=2", "--steps=2", mock_data=True)
+def _sample_and_evaluate(workdir, shape, *, method="ancestral", steps=2):
+    """sample.py, then evaluate.py with the same sampler (its program then comes from the compilation cache the
+    tests' scripts share), on two samples and the likelihood of two examples."""
+    proc = _run("sample.py", f"--workdir={workdir}", "--n=2", f"--method={method}", f"--steps={steps}", mock_data=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    samples = np.load(os.path.join(imported, "samples_pc_2.npz"))
-    assert samples["samples"].shape == (2, 8, 8, 3) and int(samples["nfe"]) == 2 * 2 + 1
-    assert np.all(np.isfinite(samples["samples"]))
+    out = os.path.join(workdir, f"samples_{method}_{steps}")
+    samples = np.load(out + ".npz")
+    assert samples["samples"].shape == (2, *shape) and int(samples["nfe"]) == steps + 1  # + the denoising step
+    assert np.all(np.isfinite(samples["samples"])) and os.path.getsize(out + ".png") > 0
 
-    proc = _run("evaluate.py", f"--workdir={imported}", "--num_samples=2", "--steps=2", "--likelihood_examples=2",
-                mock_data=True)  # fmt: skip
+    proc = _run("evaluate.py", f"--workdir={workdir}", "--num_samples=2", f"--sampler={method}", f"--steps={steps}",
+                "--likelihood_examples=2", mock_data=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(imported, "eval.json")) as f:
+    with open(os.path.join(workdir, "eval.json")) as f:
         results = json.load(f)
+    assert results["sampler_nfe"] == steps + 1 and results["num_samples"] == 2 and results["likelihood_examples"] == 2
     bpd = next(_find(results, "bits_per_dim"))
-    # Mock images are uniform noise, whose entropy is 8 bits/dim: no model's expected bits/dim is lower (Gibbs),
-    # and a network trained for three steps is far from it.
-    assert math.isfinite(bpd) and bpd > 8.0
+    # The reference's bits/dim of uniformly dequantised 8-bit data (offset 8 on [0, 1], 7 on [-1, 1]): the mock
+    # images are uniform noise, whose entropy is 8 bits/dim, so no model's expected bits/dim is lower (Gibbs),
+    # and these untrained networks are far from it.
+    assert math.isfinite(bpd) and bpd > 8.0 and results["likelihood_nfe"] > 0
+    return results
 
 
 def _find(tree, name):
@@ -365,13 +458,39 @@ def _find(tree, name):
             yield from _find(v, name)
 
 
-def test_import_errors_are_one_line(tmp_path):
-    """An unsupported config fails before the checkpoint is read, in one line, and writes nothing."""
+def test_import_then_sample_and_evaluate(imported):
+    """The fixture (continuous VE, exported in jaxdiff's conventions on centred data)."""
+    _sample_and_evaluate(imported, (8, 8, 3))
+
+
+@pytest.mark.slow
+def test_import_discrete_then_sample_and_evaluate(imported_smld, monkeypatch):
+    """A discrete SMLD model: the reference's score function on [0, 1] data, on its labels' time grid."""
+    workdir, out = imported_smld
+    assert "the reference's score function: training.continuous" in out
+    common = _experiments_common(monkeypatch)
+    config, _, step = common.load_workdir(workdir)
+    assert step == 7 and not config.data.centered and config.sampling.steps == 49 and "score_sde" in config
+    _sample_and_evaluate(workdir, (8, 8, 3))
+
+
+@pytest.mark.parametrize(
+    "changes, first",
+    [
+        # Fourier features of a discrete model, refused before the checkpoint is read
+        ({"training.continuous": False}, "error: config.model.embedding_type: 'fourier' needs training.continuous"),
+        # a discrete SMLD config for the fixture's continuous checkpoint (no Fourier features)
+        (
+            {"training.continuous": False, "model.embedding_type": "positional"},
+            "optimizer.target does not match the config: Dense_0/kernel has shape (16, 32), the config needs",
+        ),
+    ],
+)
+def test_import_errors_are_one_line(tmp_path, changes, first):
+    """An unsupported config or a checkpoint that does not fit it: one line, exit code 2, nothing written."""
     config = tmp_path / "config.json"
-    config.write_text(
-        json.dumps(_reference_config(**{"training.continuous": False, "model.embedding_type": "positional"}))
-    )
+    config.write_text(json.dumps(_reference_config(**changes)))
     proc = _run("import_score_sde.py", f"--checkpoint={CHECKPOINT}", f"--config={config}", f"--workdir={tmp_path}/w")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: config.training.continuous"), proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and first in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
     assert not os.path.exists(tmp_path / "w")
