@@ -472,6 +472,9 @@ def test_import_discrete_then_sample_and_evaluate(imported_smld, monkeypatch):
     config, _, step = common.load_workdir(workdir)
     assert step == 7 and not config.data.centered and config.sampling.steps == 49 and "score_sde" in config
     _sample_and_evaluate(workdir, (8, 8, 3))
+    proc = _run("edit.py", f"--workdir={workdir}", "--method=ancestral", "--steps=2", "--num_images=2", mock_data=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.getsize(os.path.join(workdir, "edit_inpaint_center.png")) > 0
 
 
 @pytest.mark.parametrize(
