@@ -53,7 +53,7 @@ import sys
 import time
 
 THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-SECTIONS = ("blocks", "rng", "optim", "step", "torch_step", "conv", "flags")
+SECTIONS = ("blocks", "rng", "optim", "step", "torch_step", "conv", "group_norm_step", "flags")
 MODELS = {
     "small": (dict(nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1), (32, 32, 32, 3)),
     "cifar": (
@@ -923,6 +923,74 @@ def _group_norm_variants(name, case, repeats, torch):
     _emit(row)
 
 
+def _fast_group_norm_module():
+    """A Flax module with ``nn.GroupNorm``'s parameters (``scale``, ``bias``) computing ``_group_norm_channel_stats``;
+    named ``GroupNorm`` so that a network built with it has the same parameter tree."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class GroupNorm(nn.Module):
+        num_groups: int
+        epsilon: float = 1e-6
+
+        @nn.compact
+        def __call__(self, x):
+            c = x.shape[-1]
+            scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+            return _group_norm_channel_stats(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon)
+
+    return GroupNorm
+
+
+def section_group_norm_step(name, repeats, torch):
+    """The library's step and loss gradient with Flax's GroupNorm, and with GroupNorm as a per-channel affine map
+    (``jaxdiff.models._layers.group_norm`` replaced in this process only)."""
+    import jax
+    import numpy as np
+
+    import jaxdiff.models._layers as layers
+    import jaxdiff.models._ncsnpp as ncsnpp
+    from jaxdiff.losses import make_loss_fn
+    from jaxdiff.models import DDPMpp
+    from jaxdiff.sde import VPSDE
+    from jaxdiff.train import make_optimizer, make_train_step
+
+    kw, shape = MODELS[name]
+    tx = make_optimizer()
+    batch = {"x": jax.device_put(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))}
+    original = layers.group_norm
+    fast_cls = _fast_group_norm_module()
+
+    def fast(channels):
+        return fast_cls(num_groups=original(channels).num_groups, epsilon=1e-6)
+
+    fns = {}
+    state = _library_state(DDPMpp(**kw), shape, tx, "threefry2x32")
+    copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
+    for variant, gn in (("flax_group_norm", original), ("channel_stats_group_norm", fast)):
+        layers.group_norm = ncsnpp.group_norm = gn
+        try:
+            model = DDPMpp(**kw)
+            loss = make_loss_fn(VPSDE(), model)
+            step, grad = make_train_step(loss, tx), jax.jit(jax.grad(lambda p, k, b, loss=loss: loss(p, k, b)[0]))
+            params, key = copy((state.params, state.key))
+            jax.block_until_ready(grad(params, key, batch))  # traced and compiled while the replacement is in place
+            jax.block_until_ready(step(copy(state), batch))
+        finally:
+            layers.group_norm = ncsnpp.group_norm = original
+        fns[f"{variant}_loss_grad"] = lambda grad=grad, params=params, key=key: grad(params, key, batch)
+        fns[f"{variant}_step"] = _carried(lambda s, step=step: step(s, batch)[0], copy(state))
+    t = time_side_by_side(fns, repeats, target_s=0.0)
+    row = {"section": "group_norm_step", "model": name, "batch": shape[0]}
+    row.update({f"{k}_ms": _ms(v) for k, v in t.items()})
+    for what in ("loss_grad", "step"):
+        row[f"{what}_channel_stats_over_flax"] = _ratio(
+            t[f"channel_stats_group_norm_{what}"], t[f"flax_group_norm_{what}"]
+        )
+    _emit(row)
+
+
 CHECKPOINT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -1041,6 +1109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--repeats", type=int, default=7, help="repeats per measurement (the median is printed)")
     parser.add_argument("--cpu", type=int, default=0, help="the core to pin to (-1: no pinning)")
+    parser.add_argument("--step-keys", default="threefry2x32,rbg", help="key implementations of the step section")
     parser.add_argument("--xla-flag", default="", help=argparse.SUPPRESS)  # set by the flags section
     args = parser.parse_args(argv)
     _setup(None if args.cpu < 0 else args.cpu, args.xla_flag)
@@ -1064,13 +1133,17 @@ def main(argv=None) -> int:
         "torch_step": section_torch_step,
         "conv": section_conv,
         "conv_baseline": section_conv_baseline,
+        "group_norm_step": section_group_norm_step,
     }
     for section in args.sections.split(","):
         if section == "flags":
             section_flags(args)
             continue
         for name in args.models.split(","):
-            runners[section](name, args.repeats, torch)
+            if section == "step":
+                section_step(name, args.repeats, torch, impls=tuple(args.step_keys.split(",")))
+            else:
+                runners[section](name, args.repeats, torch)
     return 0
 
 
