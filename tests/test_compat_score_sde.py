@@ -78,6 +78,24 @@ def test_fixture_workdir_score_is_the_reference_score_in_centred_coordinates(fix
     np.testing.assert_allclose(2.0 * score_y, r["score_ema"], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
+def test_fixture_workdir_bits_per_dim_are_the_reference_definition(fixture_ckpt):
+    """Bits/dim of the exported model on centred data (offset 7) equal those of the reference's score on [0, 1]
+    data (offset 8), on the same dequantisation and probes: the change of coordinates y = 2x - 1 moves only the
+    prior's centre, by one unit under a prior of standard deviation 2 sigma_max = 100."""
+    import jaxdiff
+
+    config, params = fixture_ckpt.workdir()
+    sde = jaxdiff.VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
+    workdir_score = make_score_fn(fixture_ckpt.model, params, sde, parameterization="score", scale_by_sigma=True)
+    images = np.random.default_rng(5).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    key, tol = jax.random.key(6), dict(rtol=1e-4, atol=1e-4)
+    reference, _ = jaxdiff.likelihood.bits_per_dim(key, fixture_ckpt.score_fn(), fixture_ckpt.sde, images,
+                                                   centered=False, **tol)  # fmt: skip
+    exported, _ = jaxdiff.likelihood.bits_per_dim(key, workdir_score, sde, images, centered=True, **tol)
+    np.testing.assert_allclose(exported, reference, atol=5e-3, rtol=0)
+
+
 def test_config_as_dict_configdict_and_python_file(tmp_path, fixture_ckpt):
     with open(CONFIG) as f:
         as_dict = json.load(f)
