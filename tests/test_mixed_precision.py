@@ -198,6 +198,17 @@ def test_gradients_are_float32(network):
     assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.parametrize("name", ["ncsnpp", "ddpmpp_cond", "mlp"])
+def test_noise_level_is_embedded_in_float32_even_for_bf16_data(name):
+    """bfloat16 cannot tell ``999 t`` from its neighbours: the embedding's sin and cos are float32 whatever the
+    data's dtype."""
+    _, _, bf16, params, inputs = _setup(name)
+    inputs = (inputs[0].astype(jnp.bfloat16), *inputs[1:])
+    jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, *inputs))(params).jaxpr
+    found = _primitive_dtypes(jaxpr, ("sin", "cos"))
+    assert found and all(f[1] == ["float32"] for f in found), found
+
+
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 @pytest.mark.parametrize("dtype", ["float16", "bf16", jnp.float16, None, 32])
 def test_bad_dtype_is_refused(name, dtype):

@@ -91,7 +91,8 @@ class MLP(nn.Module):
             raise ValueError(f"the model was initialised for d={dense_in['kernel'].shape[0]}, got x of shape {x.shape}")
         check_noise_cond(noise_cond, x.shape[0])
         check_labels(y, self.num_classes, x.shape[0])
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+        # The noise level is embedded in at least float32, whatever the data's or the compute dtype.
+        dtype = jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
         noise_cond = jnp.asarray(noise_cond, dtype)
 
         size = self.embedding_size

@@ -221,8 +221,9 @@ class NCSNpp(nn.Module):
         act = nn.silu
         dtype = self._dtype
         nf, n_levels, channels = self.nf, len(self.ch_mult), x.shape[-1]
+        # The noise level is embedded in at least float32 (bfloat16 cannot tell 999 t from its neighbours).
         if jnp.issubdtype(x.dtype, jnp.floating):
-            noise_cond = jnp.asarray(noise_cond, x.dtype)
+            noise_cond = jnp.asarray(noise_cond, jnp.promote_types(x.dtype, jnp.float32))
         else:
             noise_cond = jnp.asarray(noise_cond, jnp.float32)
 
