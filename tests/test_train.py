@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxdiff.train as train_lib
 from jaxdiff.checkpoint import Checkpointer
 from jaxdiff.data import get_dataset
 from jaxdiff.losses import make_loss_fn
@@ -331,3 +332,12 @@ def test_several_steps_per_call_sharded():
     assert m["loss"].shape == (2,)
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_initialiser_compiled_at_the_lowest_level_gives_the_same_parameters():
+    model = DDPMpp(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    sample, tx = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32), make_optimizer()
+    created = create_train_state(jax.random.key(3), model, sample, tx)
+    default = jax.jit(train_lib._init_fn(model, sample, tx))(jax.random.key(3))  # XLA's default optimisation
+    assert _leaves_equal(created, default)
+    assert created.params["conv_in"]["kernel"].committed  # placed like a restored state (one program for both)
