@@ -22,7 +22,7 @@ from flax import serialization
 from ml_collections import ConfigDict
 
 from jaxdiff.compat import score_sde
-from jaxdiff.parameterization import make_score_fn
+from jaxdiff.parameterization import ScoreModel, make_score_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "score_sde", "ckpt_ve_ncsnpp_small")
@@ -312,9 +312,11 @@ def test_workdir_config_without_score_sde_section_is_unchanged(monkeypatch):
     """Every config written before the score_sde section (and every continuous import) builds jaxdiff's own
     score; a damaged section is a one-line error naming its key."""
     common = _experiments_common(monkeypatch)
-    config, _ = score_sde.load_checkpoint(CHECKPOINT, CONFIG).workdir()
+    config, params = score_sde.load_checkpoint(CHECKPOINT, CONFIG).workdir()
     assert "score_sde" not in config
-    common.validate(_through_json(config))
+    config = common.validate(_through_json(config))
+    score_fn = common.build_score_fn(config, common.build_sde(config), common.build_model(config), params)
+    assert isinstance(score_fn.func, ScoreModel)  # make_score_fn's, from model.parameterization
     discrete = _through_json(score_sde.workdir_config(_reference_config(**SMLD)))
     discrete.score_sde.model.name = "ncsnv2_64"
     with pytest.raises(common.ConfigError, match=r"^config\.score_sde\.model\.name: 'ncsnv2_64'"):
