@@ -276,9 +276,10 @@ def test_a_run_from_before_model_dtype_still_resumes(experiments):
 
 
 # -- training ------------------------------------------------------------------------------------------------
-def _digits_runs(common, steps, **model):
+def _digits_runs(common, steps, fast_compile, **model):
     """The digits config's run (data, loss, optimiser, seed) with its network in float32 and in bfloat16, from
-    the same initial state: the loss of every step, and the seconds per step after compilation, per dtype."""
+    the same initial state: the loss of every step, and the seconds per step after compilation, per dtype.
+    ``fast_compile`` trades run time for compile time (for short runs)."""
     from jaxdiff.train import create_train_state, make_train_step
 
     config = _config("digits_vp_ddpmpp.py")
@@ -292,9 +293,8 @@ def _digits_runs(common, steps, **model):
     for dtype in ("float32", "bfloat16"):
         config.model.dtype = dtype
         net = common.build_model(config)
-        step = _jit(
-            make_train_step(common.build_loss_fn(config, sde, net), tx, ema_rate=config.model.ema_rate, jit=False)
-        )
+        step = make_train_step(common.build_loss_fn(config, sde, net), tx, ema_rate=config.model.ema_rate, jit=False)
+        step = _jit(step) if fast_compile else jax.jit(step)
         state, first = step(jax.tree.map(jnp.copy, init), {"x": batches[0]})  # the float32 state, as it is
         losses = [first["loss"]]
         jax.block_until_ready(first)
@@ -309,8 +309,8 @@ def _digits_runs(common, steps, **model):
     return results
 
 
-def _compare_runs(common, steps, last, **model):
-    results = _digits_runs(common, steps, **model)
+def _compare_runs(common, steps, last, fast_compile, **model):
+    results = _digits_runs(common, steps, fast_compile, **model)
     (f32, t32), (bf16, t16) = results["float32"], results["bfloat16"]
     assert np.all(np.isfinite(bf16))
     final32, final16 = f32[-last:].mean(), bf16[-last:].mean()
@@ -323,7 +323,7 @@ def test_digits_run_in_bf16_reaches_float32s_loss_small(experiments):
     """A tiny network on the digits (no resampling; the bottleneck's attention), same seed (same batches, times
     and noise): the mean loss of the last 40 of 150 steps agrees within 5%."""
     common, _ = experiments
-    _compare_runs(common, 150, 40, nf=8, ch_mult=(1,), num_res_blocks=0, attn_resolutions=())
+    _compare_runs(common, 150, 40, fast_compile=True, nf=8, ch_mult=(1,), num_res_blocks=0, attn_resolutions=())
 
 
 @pytest.mark.slow
@@ -331,4 +331,4 @@ def test_digits_run_in_bf16_reaches_float32s_loss(experiments):
     """The digits config's own network (nf 32, attention at 4x4): the mean loss of the last 100 of 600 steps
     agrees within 5%."""
     common, _ = experiments
-    _compare_runs(common, 600, 100)
+    _compare_runs(common, 600, 100, fast_compile=False)
