@@ -33,6 +33,7 @@ Run:
     python benchmarks/likelihood.py                     # 2-D / 64 points and 16-D / 256 points, Hutchinson
     python benchmarks/likelihood.py --trace exact --problems 16:256
     python benchmarks/likelihood.py --refill            # continuous batching: 2-D and 16-D, N = 1024 and 4096
+    python benchmarks/likelihood.py --refill --digits --workdir runs/digits --slots 64,128 --tols 1e-3 --repeats 1
 
 ``--refill`` compares the ways of solving a data set of ``N`` points (exact trace, so that the error to the
 mixture's exact log-density is the solver's and the prior's alone): ``refill_<S>`` (:mod:`jaxdiff.refill`,
@@ -42,6 +43,12 @@ sweep; a line per run gives ``evaluations`` (example evaluations of the vector f
 width, the work), the wall time and ``mean_err`` (mean absolute error in nats to the exact log-density), and a
 summary line per problem compares them at ``--tol`` and at equal accuracy (the cheapest run of each method whose
 ``mean_err`` is at most ``--target-err``).
+
+``--refill --digits`` solves the digits test set (300 images) for its bits/dim with a trained DDPM++ (Hutchinson,
+one probe): the run in ``--workdir`` (``experiments/train.py --config experiments/configs/digits_vp_ddpmpp.py``),
+or, without one, a network trained here for ``--train-steps`` steps and cached in /tmp. There is no oracle: the
+lines compare evaluations, wall time and bits/dim at each tolerance, and each image's bits/dim with the vmapped
+per-example solve's.
 """
 
 from __future__ import annotations
@@ -103,7 +110,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="1024,4096", help="--refill: data set sizes N")
     parser.add_argument("--slots", default="64,256", help="--refill: slot counts")
     parser.add_argument("--target-err", type=float, default=1e-3, help="--refill: the accuracy compared at (nats)")
+    parser.add_argument("--digits", action="store_true", help="--refill on the digits test set with a trained DDPM++")
+    parser.add_argument("--workdir", default=None, help="--digits: a digits run of experiments/train.py")
+    parser.add_argument("--train-steps", type=int, default=300, help="--digits without --workdir: steps to train")
     flags = parser.parse_args()
+    if flags.digits:
+        run_digits(flags)
+        return
     if flags.refill:
         for problem in ("2", "16") if flags.problems == "2:64,16:256" else flags.problems.split(","):
             for n in (int(v) for v in flags.sizes.split(",")):
@@ -312,6 +325,118 @@ def run_refill(dim: int, n: int, slot_counts: list[int], tols: list[float], flag
     summary["global_vs_diffrax_same_tol_seconds"] = round(at_tol["global"]["seconds"] / at_tol["diffrax"]["seconds"], 3)
     summary["device"] = str(jax.devices()[0].platform)
     print(json.dumps(summary), flush=True)
+
+
+DIGITS_CONFIG = "experiments/configs/digits_vp_ddpmpp.py"
+
+
+def digits_model(flags):
+    """``(score_fn, sde, config)`` of a digits DDPM++: from ``--workdir``, or trained here and cached under /tmp."""
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import common
+
+    if flags.workdir:
+        config, params, step = common.load_workdir(flags.workdir)
+        source = f"{flags.workdir} (step {step})"
+    else:
+        spec = importlib.util.spec_from_file_location("digits_config", os.path.join(root, DIGITS_CONFIG))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        params, source = train_digits(config, flags.train_steps, common)
+    sde, model = common.build_sde(config), common.build_model(config)
+    return common.build_score_fn(config, sde, model, params), sde, config, source, common
+
+
+def train_digits(config, steps: int, common):
+    """EMA parameters of ``steps`` training steps of the digits config, cached in /tmp by the step count."""
+    import os
+
+    import flax.serialization
+
+    from jaxdiff import train
+
+    path = f"/tmp/jaxdiff_benchmark_digits_{steps}.msgpack"
+    model, sde, tx = common.build_model(config), common.build_sde(config), common.build_optimizer(config)
+    ds = common.build_dataset(config, "train")
+    state = train.create_train_state(jax.random.key(config.seed), model, ds.batch(0)["x"], tx)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return flax.serialization.from_bytes(state.ema_params, f.read()), path
+    train_step = train.make_train_step(common.build_loss_fn(config, sde, model), tx, ema_rate=config.model.ema_rate)
+    for _, batch in zip(range(steps), ds, strict=False):
+        state, _ = train_step(state, batch)
+    with open(path + ".tmp", "wb") as f:
+        f.write(flax.serialization.to_bytes(state.ema_params))
+    os.replace(path + ".tmp", path)
+    return state.ema_params, f"trained {steps} steps here, cached at {path}"
+
+
+def run_digits(flags) -> None:
+    """Test-set bits/dim of a trained DDPM++: refilled slots vs batch-global and vmapped per-example stepping.
+
+    No oracle here: the rows compare work (``evaluations``), wall time and the bits/dim each method finds at the same
+    tolerance; ``max_diff_vs_vmap`` is the largest per-image difference from the vmapped per-example solve, which
+    refilled slots should match to the solver's tolerance (same dequantisation noise and probes per image).
+    """
+    from jaxdiff.likelihood import bits_per_dim
+
+    score_fn, sde, config, source, common = digits_model(flags)
+    ds = common.build_dataset(config, "test", batch_size=10_000, centered=False, dequantize=True, drop_remainder=False)
+    data = ds.batch(0)["x"]
+    n, offset = data.shape[0], float(np.log2(ds.info.num_levels / 256))
+
+    def ours(**kw):
+        return lambda tol: bits_per_dim(
+            jax.random.key(1), score_fn, sde, data, centered=config.data.centered, rtol=tol, atol=tol, **kw
+        )
+
+    methods = {f"refill_{s}": ours(slots=s) for s in (int(v) for v in flags.slots.split(",")) if s < n}
+    methods["global"] = ours(per_example_steps=False)
+    methods["vmap"] = ours(slots=n)
+    rows = []
+    for tol in sorted({float(t) for t in flags.tols.split(",")}, reverse=True):
+        runs = {}
+        for name, fn in methods.items():
+            run = lambda fn=fn, tol=tol: fn(tol)
+            bpd, info = jax.block_until_ready(run())  # compiles
+            runs[name] = (run, np.asarray(bpd, np.float64) + offset, info)
+        # Each solve takes seconds to minutes: the best of --repeats single runs, the methods interleaved.
+        seconds = dict.fromkeys(runs, float("inf"))
+        for _ in range(flags.repeats):
+            for name, (run, *_) in runs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(run())
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+        for name, (_, bpd, info) in runs.items():
+            row = {
+                "problem": f"digits DDPM++, N={n}",
+                "method": name,
+                "tol": tol,
+                "evaluations": int(info["evaluations"]),
+                "batched_calls": int(info["batched_calls"]),
+                "seconds": round(seconds[name], 3),
+                "bits_per_dim": float(np.mean(bpd)),
+                "max_diff_vs_vmap": float(np.max(np.abs(bpd - runs["vmap"][1]))),
+                "nonfinite": int(info["nonfinite"]),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        best = min((m for m in methods if m.startswith("refill")), key=lambda m: seconds[m])
+        at = {r["method"]: r for r in rows if r["tol"] == tol}
+        summary = {"summary": True, "problem": rows[0]["problem"], "model": source, "tol": tol, "best_refill": best}
+        for other in ("global", "vmap"):
+            summary[f"{best}_vs_{other}"] = {
+                "evaluations": round(at[best]["evaluations"] / at[other]["evaluations"], 3),
+                "seconds": round(at[best]["seconds"] / at[other]["seconds"], 3),
+            }
+        summary["device"] = str(jax.devices()[0].platform)
+        print(json.dumps(summary), flush=True)
 
 
 def summarize(rows: list[dict], tol_at: float) -> dict:
