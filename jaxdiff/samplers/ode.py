@@ -220,7 +220,10 @@ def _one_example_field(vector_field: Callable) -> Callable:
             # A shared constant that varies along this axis (an outer vmap): the plain vmap of every example.
             out = jax.vmap(one)(grow(t, t_batched), grow(y, y_batched), grow(a, a_batched))
         else:
-            nodes = [PerExample(grow(n.value, b.value)) if is_per_example(n) else n for n, b in zip(nodes, flags)]
+            nodes = [
+                PerExample(grow(n.value, b.value)) if is_per_example(n) else n
+                for n, b in zip(nodes, flags, strict=True)
+            ]
             out = vector_field(grow(t, t_batched), grow(y, y_batched), treedef.unflatten(nodes))
         return out, jax.tree.map(lambda _: True, out)
 
