@@ -131,3 +131,26 @@ def test_default_slots_follow_the_memory_budget():
     assert refill.default_slots(f, y, None, 10) == 10  # at most the examples
     # 14 copies of 4 kB of state plus the field's intermediates: a 1 MB budget holds a few slots.
     assert 1 <= refill.default_slots(f, y, None, 10_000, budget_bytes=1 << 20) <= 20
+
+
+def test_the_per_example_field_is_vmapped_as_one_batched_call():
+    # solve_batch vmaps a field of one example over the examples or slots; that vmap is one call of the batched field
+    # (the vmap of batch-of-one calls is correct but slower), with unbatched times and states broadcast.
+    shapes = []
+
+    def field(t, y, a):
+        shapes.append(y.shape)  # at trace time
+        return -unwrap(a[0])[:, None] * y * t[:, None] + a[1]
+
+    one = ode_sampler._one_example_field(field)
+    y, t, r = jnp.arange(12.0).reshape(4, 3), jnp.linspace(0.0, 1.0, 4), jnp.arange(4.0)
+    expected = -r[:, None] * y * t[:, None] + 0.5
+    out = jax.vmap(one, in_axes=(0, 0, (PerExample(0), None)))(t, y, (PerExample(r), jnp.float32(0.5)))
+    assert shapes[-1] == (4, 3)  # after one trace of the single example (for its output shapes)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    out = jax.vmap(one, in_axes=(None, 0, (PerExample(0), None)))(t[1], y, (PerExample(r), jnp.float32(0.5)))
+    np.testing.assert_allclose(out, -r[:, None] * y * t[1] + 0.5, rtol=1e-6)
+    # A shared constant that varies along the mapped axis falls back to the vmap of every example.
+    shift = jnp.arange(4.0)
+    out = jax.vmap(one, in_axes=(0, 0, (PerExample(0), 0)))(t, y, (PerExample(r), shift))
+    np.testing.assert_allclose(out, expected - 0.5 + shift[:, None], rtol=1e-6)
