@@ -43,6 +43,7 @@ SAFE_CHANGES = (
     "training.save_every",
     "training.keep",
     "training.progress_bar",
+    "training.steps_per_call",
     "sampling.*",
     "eval.*",
 )
