@@ -44,6 +44,7 @@ Without torch installed the torch columns are null and every line says ``"torch"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -79,7 +80,9 @@ def _setup(cpu: int | None, extra_flags: str = "") -> None:
     """One core, one thread: call before JAX or torch is imported."""
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
-    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), THREAD_FLAGS, extra_flags) if f)
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags += [f for f in (THREAD_FLAGS + " " + extra_flags).split() if f not in flags]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -727,6 +730,10 @@ def section_torch_step(name, repeats, torch):
     n_jax = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     n_torch = sum(p.numel() for p in tmodel.parameters())
     step = make_train_step(make_loss_fn(VPSDE(), model), tx)
+    with channel_stats_group_norm():  # the same network and step with GroupNorm as a per-channel affine map
+        fast_step = make_train_step(make_loss_fn(VPSDE(), DDPMpp(**kw)), tx)
+        fast_state = jax.tree.map(lambda a: a.copy(), state)
+        jax.block_until_ready(fast_step(jax.tree.map(lambda a: a.copy(), state), batch))
     t0 = time.perf_counter()
     state, _ = step(state, batch)
     jax.block_until_ready(state)
@@ -735,7 +742,13 @@ def section_torch_step(name, repeats, torch):
     tstep(xt)
     torch_first = time.perf_counter() - t0
     t = time_side_by_side(
-        {"jaxdiff": _carried(lambda s: step(s, batch)[0], state), "torch": lambda: tstep(xt)}, repeats, target_s=0.0
+        {
+            "jaxdiff": _carried(lambda s: step(s, batch)[0], state),
+            "torch": lambda: tstep(xt),
+            "jaxdiff_channel_stats_group_norm": _carried(lambda s: fast_step(s, batch)[0], fast_state),
+        },
+        repeats,
+        target_s=0.0,
     )
     b = shape[0]
     _emit(
@@ -750,6 +763,8 @@ def section_torch_step(name, repeats, torch):
             "jaxdiff_examples_per_s": round(b / t["jaxdiff"], 2),
             "torch_examples_per_s": round(b / t["torch"], 2),
             "examples_per_s_ratio": _ratio(t["torch"], t["jaxdiff"]),
+            "jaxdiff_channel_stats_group_norm_ms": _ms(t["jaxdiff_channel_stats_group_norm"]),
+            "examples_per_s_ratio_channel_stats_group_norm": _ratio(t["torch"], t["jaxdiff_channel_stats_group_norm"]),
             "jaxdiff_first_step_s": round(jax_first, 2),
             "torch_first_step_s": round(torch_first, 2),
         }
@@ -943,14 +958,33 @@ def _fast_group_norm_module():
     return GroupNorm
 
 
+@contextlib.contextmanager
+def channel_stats_group_norm():
+    """Within the block, networks built and traced use ``_group_norm_channel_stats`` for every GroupNorm
+    (``jaxdiff.models._layers.group_norm`` replaced in this process only; the parameter tree is unchanged)."""
+    import jaxdiff.models._layers as layers
+    import jaxdiff.models._ncsnpp as ncsnpp
+
+    original, fast_cls = layers.group_norm, _fast_group_norm_module()
+
+    def fast(channels):  # the groups of ``group_norm`` (building an nn.GroupNorm here would take its name)
+        groups = max(min(channels // 4, 32), 1)
+        while channels % groups:
+            groups -= 1
+        return fast_cls(num_groups=groups, epsilon=1e-6)
+
+    layers.group_norm = ncsnpp.group_norm = fast
+    try:
+        yield
+    finally:
+        layers.group_norm = ncsnpp.group_norm = original
+
+
 def section_group_norm_step(name, repeats, torch):
-    """The library's step and loss gradient with Flax's GroupNorm, and with GroupNorm as a per-channel affine map
-    (``jaxdiff.models._layers.group_norm`` replaced in this process only)."""
+    """The library's step and loss gradient with Flax's GroupNorm, and with GroupNorm as a per-channel affine map."""
     import jax
     import numpy as np
 
-    import jaxdiff.models._layers as layers
-    import jaxdiff.models._ncsnpp as ncsnpp
     from jaxdiff.losses import make_loss_fn
     from jaxdiff.models import DDPMpp
     from jaxdiff.sde import VPSDE
@@ -959,26 +993,20 @@ def section_group_norm_step(name, repeats, torch):
     kw, shape = MODELS[name]
     tx = make_optimizer()
     batch = {"x": jax.device_put(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))}
-    original = layers.group_norm
-    fast_cls = _fast_group_norm_module()
-
-    def fast(channels):
-        return fast_cls(num_groups=original(channels).num_groups, epsilon=1e-6)
-
     fns = {}
     state = _library_state(DDPMpp(**kw), shape, tx, "threefry2x32")
     copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
-    for variant, gn in (("flax_group_norm", original), ("channel_stats_group_norm", fast)):
-        layers.group_norm = ncsnpp.group_norm = gn
-        try:
+    for variant, patch in (
+        ("flax_group_norm", contextlib.nullcontext),
+        ("channel_stats_group_norm", channel_stats_group_norm),
+    ):
+        with patch():
             model = DDPMpp(**kw)
             loss = make_loss_fn(VPSDE(), model)
             step, grad = make_train_step(loss, tx), jax.jit(jax.grad(lambda p, k, b, loss=loss: loss(p, k, b)[0]))
             params, key = copy((state.params, state.key))
             jax.block_until_ready(grad(params, key, batch))  # traced and compiled while the replacement is in place
             jax.block_until_ready(step(copy(state), batch))
-        finally:
-            layers.group_norm = ncsnpp.group_norm = original
         fns[f"{variant}_loss_grad"] = lambda grad=grad, params=params, key=key: grad(params, key, batch)
         fns[f"{variant}_step"] = _carried(lambda s, step=step: step(s, batch)[0], copy(state))
     t = time_side_by_side(fns, repeats, target_s=0.0)
@@ -1073,7 +1101,7 @@ def section_conv_baseline(name, repeats, torch):
 
 def section_flags(args):
     """Each XLA CPU flag in its own process (flags are read when XLA starts)."""
-    for flag in XLA_FLAG_VARIANTS:
+    for flag in XLA_FLAG_VARIANTS if args.flags is None else args.flags.split(","):
         cmd = [
             sys.executable,
             os.path.abspath(__file__),
@@ -1085,8 +1113,7 @@ def section_flags(args):
             str(args.repeats),
             "--cpu",
             str(args.cpu),
-            "--xla-flag",
-            flag,
+            f"--xla-flag={flag}",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -1111,6 +1138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", type=int, default=0, help="the core to pin to (-1: no pinning)")
     parser.add_argument("--step-keys", default="threefry2x32,rbg", help="key implementations of the step section")
     parser.add_argument("--xla-flag", default="", help=argparse.SUPPRESS)  # set by the flags section
+    parser.add_argument("--flags", help="comma-separated XLA flags for the flags section (default: all tried)")
     args = parser.parse_args(argv)
     _setup(None if args.cpu < 0 else args.cpu, args.xla_flag)
     torch = _torch()
