@@ -21,24 +21,31 @@ Sections (``--sections``, comma-separated):
   rng     the loss's randomness: times, noise and every dropout mask, JAX threefry (default) vs ``rbg`` vs
           ``unsafe_rbg`` keys vs torch.
   optim   passes over all parameters: global norm, clipping, Adam, the whole optax chain of ``make_optimizer``,
-          EMA, the non-finite guard, and the fused update tail; torch: ``clip_grad_norm_``, ``Adam(foreach)``,
-          the reference code's EMA loop.
+          EMA, the non-finite guard, and the fused update tail with the guard as ``jnp.where``, as ``lax.cond``
+          and without it; torch: ``clip_grad_norm_``, ``Adam.step``, the reference code's EMA loop.
   step    the library's train step (``make_train_step`` + ``make_loss_fn(VPSDE(), model)`` +
           ``make_optimizer()``) against a plain hand-written JAX step (same loss, optax chain and EMA, no
           guard), with threefry and rbg keys; the forward+backward of the loss alone.
-  torch_step  a PyTorch DDPM++ step of the same architecture and parameter count (the small model by default),
-          interleaved with the library's step: examples/s of each.
+  torch_step  a PyTorch DDPM++ step of the same architecture and parameter count (``_torch_ddpmpp.py``),
+          interleaved with the library's step and with the library's step using the per-channel GroupNorm below:
+          examples/s of each.
   conv    formulations of the convolution forward+backward: NHWC/HWIO (Flax's), NCHW/OIHW, ``precision``,
           ``preferred_element_type``, 1x1 as a matmul, 3x3 as an im2col matmul, and ``jax.checkpoint``
-          policies on the whole small model's loss gradient; torch NCHW and channels_last beside them.
-  flags   reruns ``conv`` (the baseline rows) in subprocesses under each XLA CPU flag, to see which this jaxlib
-          accepts and what each gives (ratio to torch measured in the same subprocess).
+          policies on the whole network's loss gradient; torch NCHW and channels_last beside them. GroupNorm:
+          Flax's against direct formulations (two-pass, one-pass, per-channel statistics, NCHW).
+  group_norm_step  the library's step and loss gradient with Flax's GroupNorm against the same network with
+          GroupNorm written as a per-channel affine map (``jaxdiff.models._layers.group_norm`` replaced in this
+          process only; the parameter tree is the same).
+  flags   reruns ``conv`` (the baseline rows) and the network's gradient in subprocesses under each XLA CPU flag
+          (``--flags`` to choose), to see which this jaxlib accepts and what each gives (ratio to torch measured in
+          the same subprocess).
 
     python benchmarks/train_breakdown.py                                  # all sections, both models
     python benchmarks/train_breakdown.py --models small --sections blocks,rng --repeats 5
     python benchmarks/train_breakdown.py --sections flags --models small
 
-Without torch installed the torch columns are null and every line says ``"torch": "not installed"``.
+Without torch installed the torch columns are null, the setup line says ``"torch": "not installed"`` and the
+torch_step section prints ``"skipped"``.
 """
 
 from __future__ import annotations
