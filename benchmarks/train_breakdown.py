@@ -36,6 +36,8 @@ Sections (``--sections``, comma-separated):
   group_norm_step  the library's step and loss gradient with Flax's GroupNorm against the same network with
           GroupNorm written as a per-channel affine map (``jaxdiff.models._layers.group_norm`` replaced in this
           process only; the parameter tree is the same).
+  conv1x1_step  the library's step with its 1x1 shortcut convolutions as ``nn.Conv`` against an ``einsum`` over
+          the channel axis (the same parameters).
   flags   reruns ``conv`` (the baseline rows) and the network's gradient in subprocesses under each XLA CPU flag
           (``--flags`` to choose), to see which this jaxlib accepts and what each gives (ratio to torch measured in
           the same subprocess).
@@ -61,7 +63,7 @@ import sys
 import time
 
 THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-SECTIONS = ("blocks", "rng", "optim", "step", "torch_step", "conv", "group_norm_step", "flags")
+SECTIONS = ("blocks", "rng", "optim", "step", "torch_step", "conv", "group_norm_step", "conv1x1_step", "flags")
 MODELS = {
     "small": (dict(nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1), (32, 32, 32, 3)),
     "cifar": (
@@ -987,6 +989,67 @@ def channel_stats_group_norm():
         layers.group_norm = ncsnpp.group_norm = original
 
 
+@contextlib.contextmanager
+def einsum_conv1x1():
+    """Within the block, networks built use an ``einsum`` over the channel axis for every 1x1 convolution (a module
+    named ``Conv`` with ``nn.Conv``'s 1x1 kernel and bias, so the parameter tree is unchanged)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    import jaxdiff.models._layers as layers
+    from jaxdiff.models._init import default_init
+
+    class Conv(nn.Module):
+        features: int
+        init_scale: float = 1.0
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            shape = (1, 1, x.shape[-1], self.features)
+            kernel = self.param("kernel", default_init(self.init_scale), shape, jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            x = x.astype(self.dtype)
+            return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0].astype(self.dtype)) + bias.astype(self.dtype)
+
+    original = layers.conv1x1
+    layers.conv1x1 = lambda features, init_scale=1.0, dtype=jnp.float32: Conv(features, init_scale, dtype)
+    try:
+        yield
+    finally:
+        layers.conv1x1 = original
+
+
+def section_conv1x1_step(name, repeats, torch):
+    """The library's step with ``nn.Conv`` 1x1 shortcuts against the same network with ``einsum`` shortcuts."""
+    import jax
+    import numpy as np
+
+    from jaxdiff.losses import make_loss_fn
+    from jaxdiff.models import DDPMpp
+    from jaxdiff.sde import VPSDE
+    from jaxdiff.train import make_optimizer, make_train_step
+
+    kw, shape = MODELS[name]
+    tx = make_optimizer()
+    batch = {"x": jax.device_put(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))}
+    state = _library_state(DDPMpp(**kw), shape, tx, "threefry2x32")
+    copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
+    fns, losses = {}, {}
+    for variant, patch in (("conv_1x1", contextlib.nullcontext), ("einsum_1x1", einsum_conv1x1)):
+        with patch():
+            step = make_train_step(make_loss_fn(VPSDE(), DDPMpp(**kw)), tx)
+            _, metrics = step(copy(state), batch)  # compiled while the replacement is in place
+            losses[variant] = float(metrics["loss"])
+        fns[variant] = _carried(lambda s, step=step: step(s, batch)[0], copy(state))
+    t = time_side_by_side(fns, repeats, target_s=0.0)
+    row = {"section": "conv1x1_step", "model": name, "batch": shape[0]}
+    row.update({f"{k}_step_ms": _ms(v) for k, v in t.items()})
+    row.update({f"{k}_first_loss": v for k, v in losses.items()})
+    row["einsum_over_conv"] = _ratio(t["einsum_1x1"], t["conv_1x1"])
+    _emit(row)
+
+
 def section_group_norm_step(name, repeats, torch):
     """The library's step and loss gradient with Flax's GroupNorm, and with GroupNorm as a per-channel affine map."""
     import jax
@@ -1169,6 +1232,7 @@ def main(argv=None) -> int:
         "conv": section_conv,
         "conv_baseline": section_conv_baseline,
         "group_norm_step": section_group_norm_step,
+        "conv1x1_step": section_conv1x1_step,
     }
     for section in args.sections.split(","):
         if section == "flags":
