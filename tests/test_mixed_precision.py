@@ -16,13 +16,13 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdiff.models import MLP, DDPMpp, NCSNpp, NoiseConditionalClassifier
+from jaxdiff.models._layers import GroupNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -123,7 +123,7 @@ def _trace(name, dtype):
     output and of the group normalisations' outputs."""
     _, f32, bf16, params, inputs = _setup(name)
     model = bf16 if dtype == "bfloat16" else f32
-    capture = lambda module, method: isinstance(module, nn.GroupNorm)  # noqa: E731
+    capture = lambda module, method: isinstance(module, GroupNorm)  # noqa: E731
     fn = lambda p: model.apply({"params": p}, *inputs, capture_intermediates=capture, mutable=["intermediates"])  # noqa: E731
     closed, (out, state) = jax.make_jaxpr(fn, return_shape=True)(params)
     return closed.jaxpr, out, jax.tree.leaves(state.get("intermediates", {}))

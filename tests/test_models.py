@@ -400,3 +400,26 @@ def test_cifar10_parameter_counts(name):
     model = cls(**overrides)  # the class defaults are the paper's CIFAR-10 configs
     shapes = jax.eval_shape(model.init, KEY, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))
     assert _count(shapes["params"]) == expected
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 8, 64), 16), ((3, 4, 4, 32), 8), ((4, 12), 3)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+    """The per-channel-affine GroupNorm has Flax's parameters and gives Flax's values and gradients."""
+    import flax.linen as nn
+
+    from jaxdiff.models._layers import GroupNorm
+
+    x = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.0
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    variables = ref.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), variables)
+    ours = GroupNorm(num_groups=groups)
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+    loss = lambda module: lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))  # noqa: E731
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="num_groups=5 does not divide the 12 channels"):
+        GroupNorm(num_groups=5).init(jax.random.key(0), jnp.ones((2, 12)))
