@@ -8,7 +8,10 @@ batches are on the device already, so what is measured is the step and its dispa
   digits_unet  the ``digits_vp_ddpmpp`` network: DDPM++ nf 32, ch_mult (1, 2), batch 64 of 8x8 digits
 
     python benchmarks/steps_per_call.py
-    taskset -c 0 python benchmarks/steps_per_call.py --steps 64 --repeats 5
+    taskset -c 1 python benchmarks/steps_per_call.py --models toy_mlp --steps 256 --repeats 5
+    taskset -c 1 python benchmarks/steps_per_call.py --models digits_unet --steps 32 --repeats 3 --ks 1,4
+
+On the CPU the K steps are unrolled (see ``make_train_step``): compiling K = 16 steps of the U-Net takes minutes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _model(name: str):
     return net, (64, 8, 8, 1)
 
 
-def measure(name: str, steps: int, repeats: int) -> dict:
+def measure(name: str, steps: int, repeats: int, ks: tuple[int, ...] = KS) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -47,12 +50,12 @@ def measure(name: str, steps: int, repeats: int) -> dict:
     state = create_train_state(jax.random.key(0), model, jax.ShapeDtypeStruct(shape, jnp.float32), tx)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, *shape), dtype=np.float32))
     runs = {}
-    for k in KS:
+    for k in ks:
         fn = make_train_step(loss_fn, tx, steps_per_call=k, donate=False)
         batch = {"x": x[0]} if k == 1 else {"x": x[:k]}
         jax.block_until_ready(fn(state, batch))  # compile and warm up
         runs[k] = (fn, batch)
-    rates = {k: [] for k in KS}
+    rates = {k: [] for k in ks}
     for _ in range(repeats):
         for k, (fn, batch) in runs.items():
             s = state
@@ -79,9 +82,11 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="toy_mlp,digits_unet")
     parser.add_argument("--steps", type=int, default=64, help="optimiser steps per timed run (a multiple of 16)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ks", default=",".join(map(str, KS)), help="steps per call to compare (1 first)")
     args = parser.parse_args(argv)
+    ks = tuple(int(k) for k in args.ks.split(","))
     for name in args.models.split(","):
-        print(json.dumps(measure(name, args.steps, args.repeats)), flush=True)
+        print(json.dumps(measure(name, args.steps, args.repeats, ks)), flush=True)
     return 0
 
 
