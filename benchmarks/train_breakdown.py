@@ -27,15 +27,15 @@ Sections (``--sections``, comma-separated):
           ``make_optimizer()``) against a plain hand-written JAX step (same loss, optax chain and EMA, no
           guard), with threefry and rbg keys; the forward+backward of the loss alone.
   torch_step  a PyTorch DDPM++ step of the same architecture and parameter count (``_torch_ddpmpp.py``),
-          interleaved with the library's step and with the library's step using the per-channel GroupNorm below:
+          interleaved with the library's step and with the library's step using Flax's GroupNorm (as before):
           examples/s of each.
   conv    formulations of the convolution forward+backward: NHWC/HWIO (Flax's), NCHW/OIHW, ``precision``,
           ``preferred_element_type``, 1x1 as a matmul, 3x3 as an im2col matmul, and ``jax.checkpoint``
           policies on the whole network's loss gradient; torch NCHW and channels_last beside them. GroupNorm:
           Flax's against direct formulations (two-pass, one-pass, per-channel statistics, NCHW).
-  group_norm_step  the library's step and loss gradient with Flax's GroupNorm against the same network with
-          GroupNorm written as a per-channel affine map (``jaxdiff.models._layers.group_norm`` replaced in this
-          process only; the parameter tree is the same).
+  group_norm_step  the library's step and loss gradient (GroupNorm as a per-channel affine map,
+          ``jaxdiff.models._layers.GroupNorm``) against the same network with Flax's ``nn.GroupNorm``, the
+          formulation it had before (``group_norm`` replaced in this process only; the parameter tree is the same).
   conv1x1_step  the library's step with its 1x1 shortcut convolutions as ``nn.Conv`` against an ``einsum`` over
           the channel axis (the same parameters).
   flags   reruns ``conv`` (the baseline rows) and the network's gradient in subprocesses under each XLA CPU flag
@@ -157,6 +157,7 @@ def record_blocks(model, shape):
     import jax.numpy as jnp
 
     from jaxdiff.models._layers import AttnBlock, ResnetBlockBigGAN
+    from jaxdiff.models._layers import GroupNorm as LibraryGroupNorm
 
     counts: dict = {}
 
@@ -172,7 +173,7 @@ def record_blocks(model, shape):
                 add((kind, b, *x.shape[1:], m.features))
             elif isinstance(m, nn.Dense) and x.ndim == 4:
                 add(("dense", b, *x.shape[1:], m.features))
-            elif isinstance(m, nn.GroupNorm):
+            elif isinstance(m, (nn.GroupNorm, LibraryGroupNorm)):
                 add(("group_norm", b, *x.shape[1:], m.num_groups))
                 add(("silu", b, *x.shape[1:]))  # every GroupNorm in DDPM++ is followed by the activation
             elif isinstance(m, nn.Dropout) and m.rate > 0 and not kwargs.get("deterministic", True):
@@ -257,7 +258,9 @@ def _block_fns(key, model_kw, torch, rng_impl=None):
     if kind == "group_norm":
         h, w, c, groups = rest
         x = rand(b, h, w, c)
-        jf = module(nn.GroupNorm(num_groups=groups, epsilon=1e-6), x)
+        from jaxdiff.models._layers import GroupNorm as LibraryGroupNorm
+
+        jf = module(LibraryGroupNorm(num_groups=groups, epsilon=1e-6), x)
         if torch is None:
             return jf, None
         gn = torch.nn.GroupNorm(groups, c, eps=1e-6)
@@ -739,7 +742,7 @@ def section_torch_step(name, repeats, torch):
     n_jax = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     n_torch = sum(p.numel() for p in tmodel.parameters())
     step = make_train_step(make_loss_fn(VPSDE(), model), tx)
-    with channel_stats_group_norm():  # the same network and step with GroupNorm as a per-channel affine map
+    with flax_group_norm():  # the same network and step with Flax's GroupNorm, as the networks had it before
         fast_step = make_train_step(make_loss_fn(VPSDE(), DDPMpp(**kw)), tx)
         fast_state = jax.tree.map(lambda a: a.copy(), state)
         jax.block_until_ready(fast_step(jax.tree.map(lambda a: a.copy(), state), batch))
@@ -754,7 +757,7 @@ def section_torch_step(name, repeats, torch):
         {
             "jaxdiff": _carried(lambda s: step(s, batch)[0], state),
             "torch": lambda: tstep(xt),
-            "jaxdiff_channel_stats_group_norm": _carried(lambda s: fast_step(s, batch)[0], fast_state),
+            "jaxdiff_flax_group_norm": _carried(lambda s: fast_step(s, batch)[0], fast_state),
         },
         repeats,
         target_s=0.0,
@@ -772,8 +775,8 @@ def section_torch_step(name, repeats, torch):
             "jaxdiff_examples_per_s": round(b / t["jaxdiff"], 2),
             "torch_examples_per_s": round(b / t["torch"], 2),
             "examples_per_s_ratio": _ratio(t["torch"], t["jaxdiff"]),
-            "jaxdiff_channel_stats_group_norm_ms": _ms(t["jaxdiff_channel_stats_group_norm"]),
-            "examples_per_s_ratio_channel_stats_group_norm": _ratio(t["torch"], t["jaxdiff_channel_stats_group_norm"]),
+            "jaxdiff_flax_group_norm_ms": _ms(t["jaxdiff_flax_group_norm"]),
+            "examples_per_s_ratio_flax_group_norm": _ratio(t["torch"], t["jaxdiff_flax_group_norm"]),
             "jaxdiff_first_step_s": round(jax_first, 2),
             "torch_first_step_s": round(torch_first, 2),
         }
@@ -947,42 +950,26 @@ def _group_norm_variants(name, case, repeats, torch):
     _emit(row)
 
 
-def _fast_group_norm_module():
-    """A Flax module with ``nn.GroupNorm``'s parameters (``scale``, ``bias``) computing ``_group_norm_channel_stats``;
-    named ``GroupNorm`` so that a network built with it has the same parameter tree."""
+@contextlib.contextmanager
+def flax_group_norm():
+    """Within the block, networks built and traced use Flax's ``nn.GroupNorm`` (the networks' formulation before
+    ``jaxdiff.models._layers.GroupNorm``) for every GroupNorm: ``group_norm`` replaced in this process only; the
+    parameter tree is unchanged."""
     import flax.linen as nn
     import jax.numpy as jnp
 
-    class GroupNorm(nn.Module):
-        num_groups: int
-        epsilon: float = 1e-6
-
-        @nn.compact
-        def __call__(self, x):
-            c = x.shape[-1]
-            scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-            bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-            return _group_norm_channel_stats(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon)
-
-    return GroupNorm
-
-
-@contextlib.contextmanager
-def channel_stats_group_norm():
-    """Within the block, networks built and traced use ``_group_norm_channel_stats`` for every GroupNorm
-    (``jaxdiff.models._layers.group_norm`` replaced in this process only; the parameter tree is unchanged)."""
     import jaxdiff.models._layers as layers
     import jaxdiff.models._ncsnpp as ncsnpp
 
-    original, fast_cls = layers.group_norm, _fast_group_norm_module()
+    original = layers.group_norm
 
-    def fast(channels):  # the groups of ``group_norm`` (building an nn.GroupNorm here would take its name)
+    def flax(channels):
         groups = max(min(channels // 4, 32), 1)
         while channels % groups:
             groups -= 1
-        return fast_cls(num_groups=groups, epsilon=1e-6)
+        return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
 
-    layers.group_norm = ncsnpp.group_norm = fast
+    layers.group_norm = ncsnpp.group_norm = flax
     try:
         yield
     finally:
@@ -1067,8 +1054,8 @@ def section_group_norm_step(name, repeats, torch):
     state = _library_state(DDPMpp(**kw), shape, tx, "threefry2x32")
     copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
     for variant, patch in (
-        ("flax_group_norm", contextlib.nullcontext),
-        ("channel_stats_group_norm", channel_stats_group_norm),
+        ("flax_group_norm", flax_group_norm),
+        ("channel_stats_group_norm", contextlib.nullcontext),  # the library's own
     ):
         with patch():
             model = DDPMpp(**kw)
