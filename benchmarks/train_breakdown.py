@@ -964,9 +964,7 @@ def flax_group_norm():
     original = layers.group_norm
 
     def flax(channels):
-        groups = max(min(channels // 4, 32), 1)
-        while channels % groups:
-            groups -= 1
+        groups = layers.group_count(channels)
         return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
 
     layers.group_norm = ncsnpp.group_norm = flax

@@ -181,6 +181,11 @@ def _state_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
     return replicated_sharding(mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
 
 
+def _platform(mesh: Mesh | None) -> str:
+    """The platform the state lives on (``'cpu'``, ``'gpu'``, ``'tpu'``)."""
+    return next(iter(_state_sharding(mesh).device_set)).platform
+
+
 def create_train_state(
     key: Array,
     model: nn.Module,
@@ -208,8 +213,7 @@ def create_train_state(
     # Placed explicitly (committed) also on one device: a state restored from a checkpoint is, and the train step
     # then lowers to the same program either way, found in the persistent compilation cache by a resumed run.
     out_shardings = _state_sharding(mesh)
-    platform = next(iter(out_shardings.device_set)).platform
-    options = _INIT_COMPILER_OPTIONS.get(platform)
+    options = _INIT_COMPILER_OPTIONS.get(_platform(mesh))
     return jax.jit(_init_fn(model, sample_input, tx), out_shardings=out_shardings, compiler_options=options)(key)
 
 
@@ -317,8 +321,7 @@ def make_train_step(
         # XLA:CPU runs a convolutional network's step inside a loop body many times slower than the same step
         # alone (the digits DDPM++: 1663 against 79 ms a step); unrolled, the steps run at full speed and the
         # compile takes about K times longer. Accelerators keep the rolled loop.
-        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        unroll = steps_per_call if platform == "cpu" else 1
+        unroll = steps_per_call if _platform(mesh) == "cpu" else 1
 
         def step_fn(state: TrainState, batches: dict) -> tuple[TrainState, dict]:
             _check_stacked(batches, steps_per_call)

@@ -127,10 +127,15 @@ def group_norm(channels: int) -> GroupNorm:
     smaller divisor is used instead. It computes in float32 whatever its input's dtype (statistics and
     normalised output), so a bfloat16 network normalises in full precision.
     """
+    return GroupNorm(num_groups=group_count(channels), epsilon=1e-6)
+
+
+def group_count(channels: int) -> int:
+    """The number of groups :func:`group_norm` uses for ``channels``."""
     groups = max(min(channels // 4, 32), 1)
     while channels % groups:
         groups -= 1
-    return GroupNorm(num_groups=groups, epsilon=1e-6)
+    return groups
 
 
 def residual_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
