@@ -322,9 +322,35 @@ def run_refill(dim: int, n: int, slot_counts: list[int], tols: list[float], flag
                 "seconds": round(accurate[best]["seconds"] / accurate[other]["seconds"], 3),
                 "tols": [accurate[best]["tol"], accurate[other]["tol"]],
             }
+    # The sweep's grid is coarse (each method's cheapest accurate run may be up to a grid step more accurate than
+    # needed): also interpolate each method's cost at exactly the target error, log-linearly between the two runs
+    # of the sweep whose errors bracket it (absent where the sweep does not bracket it).
+    at_target = {m: interpolate_at_error(rows, m, flags.target_err) for m in list(methods) + ["diffrax"]}
+    summary["at_target_err"] = {m: v for m, v in at_target.items() if v is not None}
+    for other in ("global", "vmap", "diffrax"):
+        if at_target.get(best) and at_target.get(other):
+            summary[f"{best}_vs_{other}_interpolated_same_accuracy"] = {
+                k: round(at_target[best][k] / at_target[other][k], 3) for k in ("evaluations", "seconds")
+            }
     summary["global_vs_diffrax_same_tol_seconds"] = round(at_tol["global"]["seconds"] / at_tol["diffrax"]["seconds"], 3)
     summary["device"] = str(jax.devices()[0].platform)
     print(json.dumps(summary), flush=True)
+
+
+def interpolate_at_error(rows: list[dict], method: str, target: float) -> dict | None:
+    """``method``'s evaluations and seconds at a mean error of exactly ``target``, interpolated log-linearly.
+
+    Between the two runs of adjacent tolerances whose errors bracket ``target``; ``None`` if none do.
+    """
+    runs = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["tol"])
+    for loose, tight in zip(runs, runs[1:]):
+        e0, e1 = loose["mean_err"], tight["mean_err"]
+        if e1 <= target <= e0 and e0 > e1 > 0:
+            w = (np.log(e0) - np.log(target)) / (np.log(e0) - np.log(e1))
+            return {
+                k: float(np.exp((1 - w) * np.log(loose[k]) + w * np.log(tight[k]))) for k in ("evaluations", "seconds")
+            } | {"tols": [loose["tol"], tight["tol"]]}
+    return None
 
 
 DIGITS_CONFIG = "experiments/configs/digits_vp_ddpmpp.py"
