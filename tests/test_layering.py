@@ -26,6 +26,7 @@ RANKS = {
     "parallel": 0,
     "checkpoint": 0,
     "data": 0,
+    "_grouping": 0,  # batching of random draws (the initialiser's compile time)
     # Built directly on those: the closed-form oracle, the parameterization of networks, metrics, train state,
     # continuous batching of the adaptive solves.
     "oracle": 1,
