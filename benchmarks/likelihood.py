@@ -343,7 +343,7 @@ def interpolate_at_error(rows: list[dict], method: str, target: float) -> dict |
     Between the two runs of adjacent tolerances whose errors bracket ``target``; ``None`` if none do.
     """
     runs = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["tol"])
-    for loose, tight in zip(runs, runs[1:]):
+    for loose, tight in zip(runs, runs[1:], strict=False):
         e0, e1 = loose["mean_err"], tight["mean_err"]
         if e1 <= target <= e0 and e0 > e1 > 0:
             w = (np.log(e0) - np.log(target)) / (np.log(e0) - np.log(e1))

@@ -19,7 +19,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ def _draws_random(eqn: Any) -> bool:
     return any(_jaxpr_draws(j) for j in jex_core.jaxprs_in_params(eqn.params))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jaxpr_draws_cached(jaxpr: Any) -> bool:
     return any(_draws_random(e) for e in jaxpr.eqns)
 
@@ -64,7 +65,7 @@ def _flatten(jaxpr: Any, scope: int, in_refs: list, items: list, env: dict, scop
     A reference is a ``Literal`` or a ``(scope, var)`` pair: every inlined copy of a called jaxpr (the same
     function drawn at several shapes or sites shares one jaxpr) gets a scope of its own.
     """
-    renamed = dict(zip(jaxpr.invars, in_refs))
+    renamed = dict(zip(jaxpr.invars, in_refs, strict=True))
 
     def ref(v):
         return v if isinstance(v, jex_core.Literal) else renamed.get(v, (scope, v))
@@ -75,10 +76,11 @@ def _flatten(jaxpr: Any, scope: int, in_refs: list, items: list, env: dict, scop
             closed = eqn.params["jaxpr"]
             inner = len(scopes)
             scopes.append(inner)
-            for v, c in zip(closed.jaxpr.constvars, closed.consts):
+            for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True):
                 env[(inner, v)] = c
             outs = _flatten(closed.jaxpr, inner, invals, items, env, scopes)
-            renamed.update((v, r) for v, r in zip(eqn.outvars, outs) if not isinstance(v, jex_core.DropVar))
+            dropped = lambda v: isinstance(v, jex_core.DropVar)  # noqa: E731
+            renamed.update((v, r) for v, r in zip(eqn.outvars, outs, strict=True) if not dropped(v))
         else:
             items.append((eqn, invals, [(scope, v) for v in eqn.outvars]))
     return [ref(v) for v in jaxpr.outvars]
@@ -147,15 +149,17 @@ def _bind_group(key: tuple, members: list, read: Callable) -> list:
         return _bind_bits(members, read)
     refs0 = members[0][1]
     shared = [all(_same(refs[k], refs0[k]) for _, refs, _ in members) for k in range(len(refs0))]
-    batched = [read(r) if s else jnp.stack([read(refs[k]) for _, refs, _ in members])
-               for k, (r, s) in enumerate(zip(refs0, shared))]
+    batched = [
+        read(r) if s else jnp.stack([read(refs[k]) for _, refs, _ in members])
+        for k, (r, s) in enumerate(zip(refs0, shared, strict=True))
+    ]
     outs = jax.vmap(lambda *a: _bind(first, a), in_axes=[None if s else 0 for s in shared])(*batched)
     return [[o[j] for o in outs] for j in range(len(members))]
 
 
 def _eval_grouped(jaxpr: Any, consts: list, args: list) -> list:
-    env: dict = {(0, v): c for v, c in zip(jaxpr.constvars, consts)}
-    env.update(((0, v), a) for v, a in zip(jaxpr.invars, args))
+    env: dict = {(0, v): c for v, c in zip(jaxpr.constvars, consts, strict=True)}
+    env.update(((0, v), a) for v, a in zip(jaxpr.invars, args, strict=True))
     items: list = []
     out_refs = _flatten(jaxpr, 0, [(0, v) for v in jaxpr.invars], items, env, [0])
 
@@ -188,10 +192,10 @@ def _eval_grouped(jaxpr: Any, consts: list, args: list) -> list:
             if eqn.primitive.name in _RANDOM_PRIMITIVES:
                 groups.setdefault(_group_key(eqn), []).append(kept[i])
             else:
-                env.update(zip(outs, _bind(eqn, [read(r) for r in ins])))
+                env.update(zip(outs, _bind(eqn, [read(r) for r in ins]), strict=True))
         for key, members in groups.items():
-            for (_, _, outs), values in zip(members, _bind_group(key, members, read)):
-                env.update(zip(outs, values))
+            for (_, _, outs), values in zip(members, _bind_group(key, members, read), strict=True):
+                env.update(zip(outs, values, strict=True))
         following = []
         for i in ready:
             for c in consumers[i]:

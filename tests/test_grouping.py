@@ -86,7 +86,9 @@ def test_network_initialiser_bitwise_with_few_draws():
         return model.init({"params": key, "dropout": key}, x, t)
 
     key = jax.random.key(0)
-    _assert_bitwise(jax.jit(group_random_draws(init))(key), jax.jit(init)(key))
+    fast = dict(xla_backend_optimization_level=0)  # compile time (the values do not depend on it: test_train)
+    grouped_values = jax.jit(group_random_draws(init), compiler_options=fast)(key)
+    _assert_bitwise(grouped_values, jax.jit(init, compiler_options=fast)(key))
     plain, grouped = jax.make_jaxpr(init)(key).jaxpr, jax.make_jaxpr(group_random_draws(init))(key).jaxpr
     assert _count(plain, "random_fold_in") > 20
     assert _count(grouped, "random_fold_in") == 1
