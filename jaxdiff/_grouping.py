@@ -105,9 +105,10 @@ def _bind(eqn: Any, invals: list) -> list:
     return out if eqn.primitive.multiple_results else [out]
 
 
-# Draws of different sizes share one batched draw of the largest size while the bits drawn in vain stay below
-# the bits used or this many, whichever is more: a few batched draws compile in a fraction of the time of one
-# per size, and a network's largest kernels (which decide the run time) keep draws of their own.
+# Draws of different sizes share one batched draw of the largest size while the bits drawn in vain stay below a
+# quarter of the bits used or this many, whichever is more: a few batched draws compile in a fraction of the time
+# of one per size, and the transient memory stays near the parameters' own (CIFAR-10 DDPM++: 4 draws, 78.9M
+# elements drawn for 61.8M parameters).
 _SPARE_BITS = 1 << 22
 
 
@@ -121,7 +122,7 @@ def _bind_bits(members: list, read: Callable) -> list:
             bucket = buckets[-1]
             drawn = (len(bucket) + 1) * sizes[bucket[0]]
             used = sum(sizes[i] for i in bucket) + sizes[j]
-            if drawn - used <= max(used, _SPARE_BITS):
+            if drawn - used <= max(used // 4, _SPARE_BITS):
                 bucket.append(j)
                 continue
         buckets.append([j])
