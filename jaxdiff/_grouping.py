@@ -9,7 +9,8 @@ that runs once, most of it spent on hundreds of copies of the same few kernels.
 schedules it by data dependence and, among the equations that are ready together, binds every set of random
 draws of the same kind (the same primitive or called function, the same parameters and input shapes) as one
 ``vmap``-ed draw over the stacked keys. Threefry is a function of the key alone, so the grouped draws produce
-the same bits, and the values are bitwise those of the function as written (tested); only the compiled
+the same bits; and with partitionable threefry (JAX's default) draws of different sizes share one, each the
+prefix of the largest. The values are bitwise those of the function as written (tested); only the compiled
 program is smaller. Equations whose results the outputs do not use are dropped first, and a function with
 side effects is evaluated as written.
 """
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -39,7 +41,7 @@ def _draws_random(eqn: Any) -> bool:
     return any(_jaxpr_draws(j) for j in jex_core.jaxprs_in_params(eqn.params))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1024)
 def _jaxpr_draws_cached(jaxpr: Any) -> bool:
     return any(_draws_random(e) for e in jaxpr.eqns)
 
@@ -59,7 +61,7 @@ def _frozen(value: Any) -> Any:
         return ("id", id(value))
 
 
-def _flatten(jaxpr: Any, scope: int, in_refs: list, items: list, env: dict, scopes: list) -> list:
+def _flatten(jaxpr: Any, scope: int, in_refs: list, items: list, env: dict, scopes: Iterator[int]) -> list:
     """Appends ``jaxpr``'s equations to ``items`` as ``(eqn, in_refs, out_refs)``, calls that draw inlined.
 
     A reference is a ``Literal`` or a ``(scope, var)`` pair: every inlined copy of a called jaxpr (the same
@@ -74,8 +76,7 @@ def _flatten(jaxpr: Any, scope: int, in_refs: list, items: list, env: dict, scop
         invals = [ref(v) for v in eqn.invars]
         if eqn.primitive.name == "jit" and _draws_random(eqn):
             closed = eqn.params["jaxpr"]
-            inner = len(scopes)
-            scopes.append(inner)
+            inner = next(scopes)
             for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True):
                 env[(inner, v)] = c
             outs = _flatten(closed.jaxpr, inner, invals, items, env, scopes)
@@ -162,7 +163,7 @@ def _eval_grouped(jaxpr: Any, consts: list, args: list) -> list:
     env: dict = {(0, v): c for v, c in zip(jaxpr.constvars, consts, strict=True)}
     env.update(((0, v), a) for v, a in zip(jaxpr.invars, args, strict=True))
     items: list = []
-    out_refs = _flatten(jaxpr, 0, [(0, v) for v in jaxpr.invars], items, env, [0])
+    out_refs = _flatten(jaxpr, 0, [(0, v) for v in jaxpr.invars], items, env, itertools.count(1))
 
     def read(r):
         return r.val if isinstance(r, jex_core.Literal) else env[r]
