@@ -334,10 +334,17 @@ def test_several_steps_per_call_sharded():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_initialiser_compiled_at_the_lowest_level_gives_the_same_parameters():
-    model = DDPMpp(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
-    sample, tx = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32), make_optimizer()
-    created = create_train_state(jax.random.key(3), model, sample, tx)
-    default = jax.jit(train_lib._init_fn(model, sample, tx))(jax.random.key(3))  # XLA's default optimisation
+@pytest.mark.parametrize("net", ["ddpmpp", "mlp"])  # uniform (DDPM) and truncated-normal (lecun) initialisers
+def test_initialiser_compiled_for_speed_gives_the_same_parameters(net):
+    if net == "mlp":
+        model, sample = _mlp(), jax.ShapeDtypeStruct((4, 2), jnp.float32)
+    else:
+        model = DDPMpp(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+        sample = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+    tx = make_optimizer()
+    created = create_train_state(jax.random.key(3), model, sample, tx)  # batched draws, compiled for speed
+    default = jax.jit(train_lib._init_fn(model, sample, tx))(jax.random.key(3))  # as written, XLA's defaults
     assert _leaves_equal(created, default)
+    if net == "mlp":
+        return
     assert created.params["conv_in"]["kernel"].committed  # placed like a restored state (one program for both)
