@@ -102,7 +102,12 @@ def _group_key(eqn: Any) -> tuple:
 
 
 def _bind(eqn: Any, invals: list) -> list:
-    out = eqn.primitive.bind(*invals, **eqn.params)
+    """``eqn`` applied to ``invals``, as ``jax.core.eval_jaxpr`` applies it (custom derivative rules included)."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # A dict in current JAX; ``(subfuns, params)`` in older versions.
+    subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
     return out if eqn.primitive.multiple_results else [out]
 
 
@@ -130,9 +135,9 @@ def _bind_bits(members: list, read: Callable) -> list:
     outputs: list = [None] * len(members)
     for bucket in buckets:
         eqn0 = members[bucket[0]][0]
-        params = dict(eqn0.params, shape=(sizes[bucket[0]],))
+        longest = eqn0.replace(params=dict(eqn0.params, shape=(sizes[bucket[0]],)))
         keys = jnp.stack([read(members[j][1][0]) for j in bucket])
-        bits = jax.vmap(lambda k: eqn0.primitive.bind(k, **params))(keys)
+        bits = jax.vmap(lambda k, eqn=longest: _bind(eqn, [k])[0])(keys)
         for row, j in enumerate(bucket):
             outputs[j] = [bits[row, : sizes[j]].reshape(members[j][0].params["shape"])]
     return outputs
