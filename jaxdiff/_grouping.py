@@ -41,16 +41,9 @@ def _draws_random(eqn: Any) -> bool:
     return any(_jaxpr_draws(j) for j in jex_core.jaxprs_in_params(eqn.params))
 
 
-@functools.lru_cache(maxsize=1024)
-def _jaxpr_draws_cached(jaxpr: Any) -> bool:
-    return any(_draws_random(e) for e in jaxpr.eqns)
-
-
+@functools.lru_cache(maxsize=1024)  # jaxprs hash by identity; a called function's jaxpr is shared by its calls
 def _jaxpr_draws(jaxpr: Any) -> bool:
-    try:
-        return _jaxpr_draws_cached(jaxpr)
-    except TypeError:  # unhashable: not cached
-        return any(_draws_random(e) for e in jaxpr.eqns)
+    return any(_draws_random(e) for e in jaxpr.eqns)
 
 
 def _frozen(value: Any) -> Any:
